@@ -1,0 +1,122 @@
+"""The category hierarchy in array form, for model code: CQ-DINO §3.4.
+
+`CategoryHierarchy` lives in *category-row space*: row r stands for `category_ids[r]`, the same
+order as the rows of the category-query matrix `Q_cat [C, D]`. It carries what the model needs
+and nothing it must recompute per step:
+
+- `levels`: the parent→child edges of the category-only tree, grouped by the parent's depth,
+  deepest first, so a bottom-up pass (eq. 6) sees every child finished before its parents;
+- `alpha`: the adaptive weight of eq. 7 per row.
+
+The same level arrays give the parent mask of the classification losses: marking the present
+categories and propagating the marks up the levels, deepest first, reaches every ancestor in
+one pass over the edges (no ancestor closure is stored: in a DAG it can grow quadratically).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from taxonomy.tree import Taxonomy
+
+DEFAULT_TREE_WEIGHT = 0.3  # w in eq. 7, the paper's default
+
+
+def adaptive_weights(num_children: np.ndarray, w: float = DEFAULT_TREE_WEIGHT) -> np.ndarray:
+    """alpha_v = w * (1 + log(n_v + 1) / log(N_max + 1))  (CQ-DINO eq. 7) for every node [N].
+
+    `num_children` holds n_v, the direct child count; N_max is its maximum over the tree. In a
+    tree without any parent (N_max = 0) every alpha_v is `w`; it is unused there anyway.
+    """
+    if not 0.0 <= w <= 0.5:
+        raise ValueError(
+            f"tree weight w={w} is outside [0, 0.5] (CQ-DINO eq. 7 keeps alpha in [0, 1])"
+        )
+    n = np.asarray(num_children, dtype=np.float64)
+    n_max = float(n.max()) if n.size else 0.0
+    if n_max == 0.0:
+        return np.full(n.shape, w, dtype=np.float64)
+    return w * (1.0 + np.log(n + 1.0) / np.log(n_max + 1.0))
+
+
+@dataclass(frozen=True)
+class LevelEdges:
+    """The parent→child edges whose parent sits at `depth`, as category rows [E]."""
+
+    depth: int
+    parent: np.ndarray
+    child: np.ndarray
+
+
+@dataclass(frozen=True)
+class CategoryHierarchy:
+    """A category-only DAG in category-row space (see the module docstring)."""
+
+    category_ids: np.ndarray  # [C] ascending; row r <-> category_ids[r]
+    num_children: np.ndarray  # [C] n_v in the category-only tree
+    alpha: np.ndarray  # [C] eq. 7
+    levels: tuple[LevelEdges, ...]  # deepest parents first
+
+    @classmethod
+    def from_taxonomy(cls, taxonomy: Taxonomy, w: float = DEFAULT_TREE_WEIGHT) -> CategoryHierarchy:
+        """Restrict `taxonomy` to its categories (nearest category ancestors) and lay it out as rows."""
+        tree = taxonomy.restrict(taxonomy.category_ids())
+        node_cats = tree.category_column()
+        order = np.argsort(node_cats)  # storage index -> row mapping
+        row_of_storage = np.empty_like(order)
+        row_of_storage[order] = np.arange(order.size)
+
+        child_s, parent_s = tree.edges()
+        child, parent = row_of_storage[child_s], row_of_storage[parent_s]
+        depth = tree.depths()[order]
+        num_children = np.bincount(parent, minlength=order.size)
+
+        levels = []
+        for d in sorted(set(depth[parent].tolist()), reverse=True):
+            at = depth[parent] == d
+            levels.append(LevelEdges(depth=int(d), parent=parent[at], child=child[at]))
+        return cls(
+            category_ids=node_cats[order],
+            num_children=num_children,
+            alpha=adaptive_weights(num_children, w),
+            levels=tuple(levels),
+        )
+
+    @property
+    def num_categories(self) -> int:
+        return int(self.category_ids.size)
+
+    def rows(self, category_ids: Iterable[int]) -> np.ndarray:
+        """Rows of the given category ids; KeyError naming the ids that are not in the tree."""
+        ids = np.asarray(list(category_ids), dtype=np.int64)
+        rows = np.searchsorted(self.category_ids, ids)
+        rows = np.minimum(rows, max(self.num_categories - 1, 0))
+        bad = self.category_ids[rows] != ids if self.num_categories else np.ones(ids.shape, bool)
+        if bad.any():
+            raise KeyError(f"category ids not in the hierarchy: {ids[bad][:10].tolist()}")
+        return rows
+
+    def propagate_up(self, marked: np.ndarray) -> np.ndarray:
+        """Rows with a marked descendant-or-self [..., C] bool, from marks [..., C] bool.
+
+        One pass over the level edges, deepest first: each parent takes the marks of its
+        children, whose own marks are already final.
+        """
+        out = np.array(marked, dtype=bool, copy=True)
+        for level in self.levels:
+            np.logical_or.at(out, (..., level.parent), out[..., level.child])
+        return out
+
+    def parent_mask(self, present_category_ids: Iterable[int]) -> np.ndarray:
+        """Rows to leave out of the negatives for an image with these categories [C] bool.
+
+        CQ-DINO §3.4: when a category is annotated, its ancestors are not treated as negatives
+        ("vehicle" is not suppressed when "car" is annotated). A category that is itself
+        annotated stays a positive, never masked.
+        """
+        present = np.zeros(self.num_categories, dtype=bool)
+        present[self.rows(present_category_ids)] = True
+        return self.propagate_up(present) & ~present

@@ -1,0 +1,57 @@
+"""Shared fixtures: small hand-made taxonomies and the real V3Det category files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from taxonomy import Node, Taxonomy
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+V3DET_NAMES = SHARED_DATA / "v3det" / "category_name_13204_v3det_2023_v1.txt"
+V3DET_CAT_INFO = SHARED_DATA / "v3det" / "v3det_2023_v1_train_cat_info.json"
+
+
+@pytest.fixture
+def vehicles() -> Taxonomy:
+    """A small DAG: `thing` is not a category; `amphibious car` has two parents.
+
+    thing
+    ├── vehicle #1
+    │   ├── car #2
+    │   │   ├── sedan #3
+    │   │   └── amphibious car #5   (also under boat)
+    │   ├── boat #4
+    │   │   └── amphibious car #5
+    │   └── truck #6
+    └── animal #7
+        └── cat #8
+    """
+    return Taxonomy(
+        [
+            Node("thing", "thing", description="root, not a category"),
+            Node("vehicle", "vehicle", ("thing",), 1, synonyms=("conveyance",)),
+            Node("car", "car", ("vehicle",), 2, synonyms=("auto", "automobile")),
+            Node("sedan", "sedan", ("car",), 3, description="a car for four"),
+            Node("boat", "boat", ("vehicle",), 4),
+            Node("amph", "amphibious car", ("car", "boat"), 5, attributes={"novel": True}),
+            Node("truck", "truck", ("vehicle",), 6),
+            Node("animal", "animal", ("thing",), 7),
+            Node("cat", "cat", ("animal",), 8, attributes={"name_zh": "猫"}),
+        ],
+        metadata={"name": "vehicles"},
+    )
+
+
+def columns_equal(a: Taxonomy, b: Taxonomy, fields=None) -> None:
+    """Assert two taxonomies hold the same nodes (compared by node id, order-insensitive)."""
+    fields = fields or ("name", "parents", "category_id", "synonyms", "description", "attributes")
+    assert sorted(a.ids) == sorted(b.ids)
+    for node_id in a.ids:
+        x, y = a.node(node_id), b.node(node_id)
+        for f in fields:
+            vx, vy = getattr(x, f), getattr(y, f)
+            if f == "parents":
+                vx, vy = sorted(vx), sorted(vy)
+            assert vx == vy, f"{node_id}.{f}: {vx!r} != {vy!r}"
