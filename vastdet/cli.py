@@ -1,0 +1,47 @@
+"""The `vastdet` command: one entry point, a command group per package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from taxonomy import TaxonomyError
+from taxonomy.cli import add_commands as add_taxonomy_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vastdet",
+        description="Train and evaluate object detectors over vast, hierarchical vocabularies.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    groups = parser.add_subparsers(dest="command", required=True)
+    add_taxonomy_commands(groups)
+    return parser
+
+
+PACKAGES = ("vastdet", "taxonomy", "pipelines", "cluster")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Our packages log at INFO (DEBUG when verbose); others only warnings (open_clip is chatty)."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for name in PACKAGES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except (TaxonomyError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"vastdet: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
