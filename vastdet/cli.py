@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from pipelines.annotations import AnnotationError
+from pipelines.cli import add_commands as add_data_commands
 from taxonomy import TaxonomyError
 from taxonomy.cli import add_commands as add_taxonomy_commands
 
@@ -18,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     groups = parser.add_subparsers(dest="command", required=True)
     add_taxonomy_commands(groups)
+    add_data_commands(groups)
     return parser
 
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return args.handler(args)
-    except (TaxonomyError, FileNotFoundError, KeyError, ValueError) as err:
+    except (TaxonomyError, AnnotationError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"vastdet: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,202 @@
+"""COCO-format annotations, checked on the way into shards.
+
+Every problem is reported with the annotation file and the image id; nothing bad is written
+silently. `on_error="raise"` (default) stops with all problems listed; `"skip"` drops the bad
+annotations (or images) and counts them by kind, for the manifest.
+
+Box policy for a box that extends past the image: `clip` cuts it to the image (a box left with
+no area is a problem), `reject` reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BOX_POLICIES = ("clip", "reject")
+ON_ERROR = ("raise", "skip")
+IMAGE_KINDS = {b"\xff\xd8\xff": "jpg", b"\x89PNG\r\n\x1a\n": "png"}
+
+
+class AnnotationError(ValueError):
+    """Annotations that cannot be written; the message lists every problem found."""
+
+
+@dataclass
+class ImageRecord:
+    """One image and its (checked) annotations; bbox is COCO xywh in pixels."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    annotations: list[dict] = field(default_factory=list)
+
+    def sample_json(self) -> dict:
+        """The `json` member of this image's shard sample (DESIGN.md's shard contract)."""
+        return {
+            "image_id": self.image_id,
+            "file_name": self.file_name,
+            "width": self.width,
+            "height": self.height,
+            "annotations": self.annotations,
+        }
+
+
+@dataclass
+class Problem:
+    source: str
+    image_id: object
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: image {self.image_id}: {self.kind}: {self.detail}"
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(p.kind for p in self.problems))
+
+
+def image_kind(head: bytes) -> str | None:
+    """`jpg` or `png` from a file's first bytes, None for anything else."""
+    return next((kind for magic, kind in IMAGE_KINDS.items() if head.startswith(magic)), None)
+
+
+def _check_box(bbox, width: int, height: int, policy: str) -> tuple[list[float] | None, str, str]:
+    """(checked xywh box or None, problem kind, detail)."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None, "malformed box", f"bbox {bbox!r} is not [x, y, w, h]"
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None, "malformed box", f"bbox {bbox!r} is not numeric"
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None, "non-finite box", f"bbox {bbox!r}"
+    if w <= 0 or h <= 0:
+        return None, "zero-area box", f"bbox {bbox!r} has width or height <= 0"
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    if (x0, y0, x1, y1) == (x, y, x + w, y + h):
+        return [x, y, w, h], "", ""
+    if policy == "reject":
+        return None, "box outside image", f"bbox {bbox!r} exceeds the {width}x{height} image"
+    if x1 <= x0 or y1 <= y0:
+        return (
+            None,
+            "box outside image",
+            f"bbox {bbox!r} has no area inside the {width}x{height} image",
+        )
+    return [x0, y0, x1 - x0, y1 - y0], "", ""
+
+
+def load_coco(
+    annotation_file: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    category_ids: set[int] | None = None,
+    box_policy: str = "clip",
+    on_error: str = "raise",
+) -> tuple[list[ImageRecord], CheckReport]:
+    """Read and check a COCO annotation file; returns image records in file order.
+
+    `category_ids`: the vocabulary to accept (default: the file's own `categories`).
+    `image_root`: where `file_name`s resolve; None skips the missing-file check.
+    """
+    if box_policy not in BOX_POLICIES or on_error not in ON_ERROR:
+        raise ValueError(f"box_policy must be one of {BOX_POLICIES}, on_error one of {ON_ERROR}")
+    source = os.fspath(annotation_file)
+    with open(annotation_file, encoding="utf-8") as handle:
+        try:
+            doc = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{source}: not valid JSON ({err})") from None
+    for key in ("images", "annotations"):
+        if not isinstance(doc.get(key), list):
+            raise AnnotationError(f"{source}: missing the '{key}' list")
+    if category_ids is None:
+        category_ids = {c["id"] for c in doc.get("categories", [])}
+    report = CheckReport()
+    records: dict[object, ImageRecord] = {}
+    for image in doc["images"]:
+        image_id = image.get("id")
+        w, h, name = image.get("width"), image.get("height"), image.get("file_name")
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id in records:
+            report.problems.append(
+                Problem(source, image_id, "bad image id", "missing, not an integer or repeated")
+            )
+            continue
+        if not (
+            isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 and isinstance(name, str)
+        ):
+            report.problems.append(
+                Problem(
+                    source,
+                    image_id,
+                    "bad image entry",
+                    f"needs file_name and positive width/height: {image!r:.200}",
+                )
+            )
+            continue
+        if image_root is not None and not (Path(image_root) / name).is_file():
+            report.problems.append(
+                Problem(source, image_id, "missing image file", str(Path(image_root) / name))
+            )
+            continue
+        records[image_id] = ImageRecord(image_id, name, w, h)
+    known_ids = {image.get("id") for image in doc["images"]}
+    for ann in doc["annotations"]:
+        image_id = ann.get("image_id")
+        record = records.get(image_id)
+        if record is None:
+            if image_id not in known_ids:
+                report.problems.append(
+                    Problem(
+                        source,
+                        image_id,
+                        "unknown image id",
+                        f"annotation {ann.get('id')} names an image not in 'images'",
+                    )
+                )
+            continue  # the image itself was already reported
+        cat = ann.get("category_id")
+        if cat not in category_ids:
+            report.problems.append(
+                Problem(
+                    source,
+                    image_id,
+                    "unknown category id",
+                    f"annotation {ann.get('id')} has category_id {cat!r}",
+                )
+            )
+            continue
+        box, kind, detail = _check_box(ann.get("bbox"), record.width, record.height, box_policy)
+        if box is None:
+            report.problems.append(
+                Problem(source, image_id, kind, f"annotation {ann.get('id')}: {detail}")
+            )
+            continue
+        record.annotations.append(
+            {
+                "id": ann.get("id"),
+                "bbox": box,
+                "category_id": cat,
+                "iscrowd": int(ann.get("iscrowd", 0)),
+                "area": float(ann.get("area", box[2] * box[3])),
+            }
+        )
+    if report.problems and on_error == "raise":
+        shown = "\n  ".join(str(p) for p in report.problems[:20])
+        more = f"\n  ... and {len(report.problems) - 20} more" if len(report.problems) > 20 else ""
+        counts = ", ".join(f"{k}: {v}" for k, v in report.counts().items())
+        raise AnnotationError(
+            f"{source}: {len(report.problems)} annotation problems ({counts}); fix them or pass "
+            f"on_error='skip' to drop and count them:\n  {shown}{more}"
+        )
+    return list(records.values()), report

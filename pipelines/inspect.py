@@ -1,0 +1,97 @@
+"""What is in a shard set: counts, the category histogram, and a picture of a few samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from pipelines.shards import ShardSet
+
+
+def iter_samples(shards: ShardSet, limit: int | None = None) -> Iterator[tuple[Image.Image, dict]]:
+    """(image, json) of the first `limit` samples, read straight from the tar files."""
+    seen = 0
+    for url in shards.urls:
+        with tarfile.open(url) as tar:
+            pending: dict[str, dict] = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                pending.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                entry = pending[key]
+                if "json" in entry and ("jpg" in entry or "png" in entry):
+                    del pending[key]
+                    data = entry.get("jpg") or entry.get("png")
+                    yield Image.open(io.BytesIO(data)).convert("RGB"), json.loads(entry["json"])
+                    seen += 1
+                    if limit is not None and seen >= limit:
+                        return
+
+
+def summary(shards: ShardSet, names: Mapping[int, str] | None = None, top: int = 10) -> list[str]:
+    """Readable counts and the head and tail of the category histogram."""
+    m = shards.manifest
+    inst = {int(k): v for k, v in m["category_instances"].items()}
+    ranked = sorted(inst.items(), key=lambda kv: (-kv[1], kv[0]))
+    label = (lambda c: f"{names.get(c, '?')} (#{c})") if names else (lambda c: f"#{c}")
+    lines = [
+        f"shards                 {len(m['shards']):>10,}",
+        f"images                 {m['num_samples']:>10,}",
+        f"boxes                  {m['num_instances']:>10,}",
+        f"categories with boxes  {len(inst):>10,}",
+        f"bytes                  {sum(s['bytes'] for s in m['shards']):>10,}",
+    ]
+    if m.get("skipped"):
+        lines.append(
+            "skipped when written: " + ", ".join(f"{k} {v}" for k, v in m["skipped"].items())
+        )
+    if ranked:
+        lines.append(
+            "most frequent categories (boxes): "
+            + ", ".join(f"{label(c)} {n}" for c, n in ranked[:top])
+        )
+        lines.append(
+            "least frequent categories (boxes): "
+            + ", ".join(f"{label(c)} {n}" for c, n in ranked[-top:])
+        )
+    return lines
+
+
+def draw_samples(
+    shards: ShardSet,
+    out: str | Path,
+    names: Mapping[int, str] | None = None,
+    count: int = 8,
+    columns: int = 4,
+    cell: int = 320,
+) -> Path:
+    """A PNG grid of the first `count` samples with their boxes and category names."""
+    tiles = []
+    for image, meta in iter_samples(shards, count):
+        scale = cell / max(image.width, image.height)
+        tile = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        )
+        draw = ImageDraw.Draw(tile)
+        for ann in meta["annotations"]:
+            x, y, w, h = (v * scale for v in ann["bbox"])
+            draw.rectangle([x, y, x + w, y + h], outline=(255, 255, 0), width=2)
+            cat = ann["category_id"]
+            text = names.get(cat, str(cat)) if names else str(cat)
+            draw.rectangle([x, y, x + 6 * len(text) + 4, y + 11], fill=(0, 0, 0))
+            draw.text((x + 2, y), text, fill=(255, 255, 0))
+        tiles.append(tile)
+    if not tiles:
+        raise ValueError(f"no samples to draw in {shards.root}")
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell, rows * cell), (32, 32, 32))
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, ((k % columns) * cell, (k // columns) * cell))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out

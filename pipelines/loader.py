@@ -1,0 +1,338 @@
+"""Streaming loaders over shards for distributed workers.
+
+Training (`train_loader`): every rank and loader worker draws shards with replacement from its
+own seeded stream (webdataset's `ResampledShards`), so every rank yields exactly
+`batches_per_epoch` batches whatever the shard sizes: uneven counts would hang DeepSpeed's
+collectives. Then: parse, repeat-factor sampling, shuffle buffer, decode, transforms, batches.
+
+Evaluation (`eval_loader`): each image exactly once across ranks. Shards are dealt to ranks
+(balanced by sample count), every rank computes from the manifest how many batches each rank
+will produce, and ranks that run out first yield marked empty batches, so all ranks make the
+same number of (collective) forward passes.
+
+Corrupt images and unreadable JSON are skipped, counted by kind and warned about with the shard
+and key; `loader.skipped()` gives the counts summed over workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipelines.boxes import xywh_to_xyxy
+from pipelines.sampling import DEFAULT_THRESHOLD, category_repeat_factors, repeat_stream
+from pipelines.shards import ShardSet
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("jpg", "png")
+
+
+@dataclass
+class Batch:
+    """Images padded to a common size, with their padding mask and per-image targets.
+
+    `masks` is True on padding. Each target holds `boxes` (normalised cxcywh [N, 4]),
+    `labels` (category ids [N]), `iscrowd`, `area`, `image_id`, `orig_size` and `size` (h, w).
+    `empty` marks a filler batch of an evaluation pass (run it, ignore its outputs).
+    """
+
+    images: torch.Tensor  # [B, 3, H, W]
+    masks: torch.Tensor  # [B, H, W] bool
+    targets: list[dict]
+    empty: bool = False
+    skipped: dict = field(default_factory=dict)  # worker id -> cumulative skip counts
+
+    def __len__(self) -> int:
+        return 0 if self.empty else len(self.targets)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """The process's rank and world size: torch.distributed if initialised, else RANK/WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_id_and_count() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class SkipCounter:
+    """Per-worker counts of skipped samples; travels to the main process attached to batches."""
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+
+    def skip(self, kind: str, sample: dict, err: Exception) -> None:
+        self.counts[kind] += 1
+        log.warning(
+            "skipping %s in %s key %s: %s", kind, sample.get("__url__"), sample.get("__key__"), err
+        )
+
+
+def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
+    """Pad images to the largest height and width in the batch; mask marks the padding."""
+    h = max(img.shape[1] for img, _ in samples)
+    w = max(img.shape[2] for img, _ in samples)
+    images = torch.zeros(len(samples), 3, h, w)
+    masks = torch.ones(len(samples), h, w, dtype=torch.bool)
+    for i, (img, _) in enumerate(samples):
+        images[i, :, : img.shape[1], : img.shape[2]] = img
+        masks[i, : img.shape[1], : img.shape[2]] = False
+    return Batch(images, masks, [t for _, t in samples])
+
+
+def empty_batch(size: int = 32) -> Batch:
+    """A filler batch: one blank image, no targets, `empty=True`."""
+    target = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "image_id": -1,
+        "iscrowd": torch.zeros(0, dtype=torch.int64),
+        "area": torch.zeros(0),
+        "orig_size": torch.tensor([size, size]),
+        "size": torch.tensor([size, size]),
+    }
+    return Batch(
+        torch.zeros(1, 3, size, size),
+        torch.zeros(1, size, size, dtype=torch.bool),
+        [target],
+        empty=True,
+    )
+
+
+def target_from_meta(meta: dict) -> dict:
+    """Target tensors (boxes xyxy in pixels) from a sample's json."""
+    anns = meta["annotations"]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    return {
+        "boxes": xywh_to_xyxy(boxes),
+        "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
+        "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
+        "area": torch.tensor([a.get("area", 0.0) for a in anns], dtype=torch.float32),
+        "image_id": meta["image_id"],
+        "orig_size": torch.tensor([meta["height"], meta["width"]]),
+    }
+
+
+class _Stages:
+    """The per-sample steps, as one object so that worker processes share the skip counter."""
+
+    def __init__(self, transforms: Callable, seed: int, rank: int):
+        self.transforms = transforms
+        self.seed, self.rank = seed, rank
+        self.counter = SkipCounter()
+        self._rng: random.Random | None = None
+
+    @property
+    def rng(self) -> random.Random:
+        if self._rng is None:  # created inside the worker process: its own reproducible stream
+            worker, _ = worker_id_and_count()
+            self._rng = random.Random(hash((self.seed, self.rank, worker)))
+        return self._rng
+
+    def parse(self, samples):
+        for sample in samples:
+            try:
+                meta = json.loads(sample["json"])
+                image_key = next(k for k in IMAGE_EXTENSIONS if k in sample)
+            except Exception as err:  # noqa: BLE001 - any unreadable sample is skipped and counted
+                self.counter.skip(
+                    "bad json" if "json" in sample else "incomplete sample", sample, err
+                )
+                continue
+            yield {
+                "__url__": sample.get("__url__"),
+                "__key__": sample.get("__key__"),
+                "image": sample[image_key],
+                "meta": meta,
+            }
+
+    def shuffle(self, samples, buffer_size: int):
+        """A shuffle buffer: emit a random element once the buffer is full, then drain it."""
+        buffer: list = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= buffer_size:
+                k = self.rng.randrange(len(buffer))
+                buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                yield buffer.pop()
+        self.rng.shuffle(buffer)
+        yield from buffer
+
+    def decode(self, samples):
+        for sample in samples:
+            try:
+                image = Image.open(io.BytesIO(sample["image"]))
+                image = image.convert("RGB")
+                target = target_from_meta(sample["meta"])
+            except Exception as err:  # noqa: BLE001
+                self.counter.skip("corrupt image", sample, err)
+                continue
+            yield self.transforms(image, target, self.rng)
+
+    def batches(self, samples, batch_size: int, partial: bool):
+        worker, _ = worker_id_and_count()
+        for batch in wds.batched(batch_size, collation_fn=collate, partial=partial)(samples):
+            batch.skipped = {worker: dict(self.counter.counts)}
+            yield batch
+
+    def tar_handler(self, err: Exception) -> bool:
+        self.counter.counts["unreadable shard data"] += 1
+        log.warning("skipping unreadable shard data: %s", err)
+        return True
+
+
+class _Loader:
+    """Iterates a DataLoader over the stream and sums the skip counts its workers report."""
+
+    def __init__(self, loader, num_batches: int, pad_to: int | None = None):
+        self.loader = loader
+        self.num_batches = num_batches
+        self.pad_to = pad_to
+        self._skipped: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        produced = 0
+        for batch in self.loader:
+            self._skipped.update(batch.skipped)
+            produced += 1
+            yield batch
+            if produced == self.num_batches:
+                break
+        while produced < (self.pad_to or 0):
+            produced += 1
+            yield empty_batch()
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far, by kind, summed over loader workers."""
+        total: Counter[str] = Counter()
+        for counts in self._skipped.values():
+            total.update(counts)
+        return dict(total)
+
+
+def _data_loader(pipeline, num_workers: int):
+    return torch.utils.data.DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+def train_loader(
+    shards: ShardSet | str | os.PathLike,
+    batch_size: int,
+    batches_per_epoch: int,
+    transforms: Callable,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle_buffer: int = 1000,
+    repeat_threshold: float | None = DEFAULT_THRESHOLD,
+    num_workers: int = 2,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> _Loader:
+    """Exactly `batches_per_epoch` batches on every rank, from resampled shards.
+
+    `repeat_threshold=None` turns repeat-factor sampling off. `rank`/`world_size` default to
+    the environment; passing them simulates a rank.
+    """
+    shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+    env_rank, env_world = rank_and_world()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    stages = _Stages(transforms, hash((seed, epoch)), rank)
+    factors = (
+        category_repeat_factors(shards.category_images(), shards.num_samples, repeat_threshold)
+        if repeat_threshold
+        else {}
+    )
+    base_seed = hash((seed, epoch, rank))
+
+    def shard_seed() -> int:
+        worker, _ = worker_id_and_count()
+        return hash((base_seed, worker)) & 0x7FFFFFFF
+
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(
+            shards.urls, seed=base_seed & 0x7FFFFFFF, worker_seed=shard_seed, deterministic=True
+        ),
+        wds.tarfile_to_samples(handler=stages.tar_handler),
+        stages.parse,
+        lambda samples: repeat_stream(samples, factors, stages.rng) if factors else samples,
+        lambda samples: stages.shuffle(samples, shuffle_buffer),
+        stages.decode,
+        lambda samples: stages.batches(samples, batch_size, partial=False),
+    )
+    return _Loader(_data_loader(pipeline, num_workers), batches_per_epoch)
+
+
+def deal_shards(samples_per_shard: Sequence[int], world_size: int) -> list[list[int]]:
+    """Shard indices per rank, greedily balancing sample counts (largest shards first)."""
+    loads = [0] * world_size
+    dealt: list[list[int]] = [[] for _ in range(world_size)]
+    for idx in sorted(range(len(samples_per_shard)), key=lambda i: (-samples_per_shard[i], i)):
+        r = min(range(world_size), key=lambda k: (loads[k], k))
+        dealt[r].append(idx)
+        loads[r] += samples_per_shard[idx]
+    return [sorted(d) for d in dealt]
+
+
+def eval_batch_count(
+    samples_per_shard: Sequence[int], shard_ids: Sequence[int], batch_size: int, num_workers: int
+) -> int:
+    """Batches one rank yields: each loader worker reads shards[w::W] and batches them alone."""
+    workers = max(num_workers, 1)
+    return sum(
+        math.ceil(sum(samples_per_shard[i] for i in shard_ids[w::workers]) / batch_size)
+        for w in range(workers)
+    )
+
+
+def eval_loader(
+    shards: ShardSet | str | os.PathLike,
+    batch_size: int,
+    transforms: Callable,
+    num_workers: int = 2,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> _Loader:
+    """Every image exactly once across ranks; the same number of batches on every rank."""
+    shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
+    env_rank, env_world = rank_and_world()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    dealt = deal_shards(shards.samples_per_shard, world_size)
+    workers = min(num_workers, max(len(d) for d in dealt)) if dealt[rank] else 0
+    counts = [eval_batch_count(shards.samples_per_shard, d, batch_size, workers) for d in dealt]
+    urls = [shards.urls[i] for i in dealt[rank]]
+    stages = _Stages(transforms, 0, rank)
+    if not urls:
+        return _Loader([], 0, pad_to=max(counts))
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=stages.tar_handler),
+        stages.parse,
+        stages.decode,
+        lambda samples: stages.batches(samples, batch_size, partial=True),
+    )
+    return _Loader(_data_loader(pipeline, workers), counts[rank], pad_to=max(counts))

@@ -1,0 +1,157 @@
+"""Box-aware image transforms: the DETR/DINO training recipe, sized by configuration.
+
+A transform is called as `t(image, target, rng)`: `image` a PIL image, `target` a dict with
+`boxes` (float tensor [N, 4], xyxy in pixels), `labels` ([N] int64 category ids), `iscrowd`,
+`area`, and `rng` a `random.Random` (each loader worker owns one, seeded from the run seed, the
+rank and the worker id, so augmentation is reproducible). The last step, `Normalize`, turns the
+image into a float tensor and the boxes into normalised `cxcywh`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import functional as F
+
+from pipelines.boxes import box_area_xyxy, xyxy_to_cxcywh
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PER_BOX_KEYS = ("boxes", "labels", "iscrowd", "area")
+
+
+def _keep(target: dict, keep: torch.Tensor) -> dict:
+    return {k: (v[keep] if k in PER_BOX_KEYS else v) for k, v in target.items()}
+
+
+class Compose:
+    def __init__(self, transforms: Sequence):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, target, rng: random.Random):
+        for t in self.transforms:
+            image, target = t(image, target, rng)
+        return image, target
+
+
+class HorizontalFlip:
+    """Flip with probability `p`; box x-coordinates mirror around the image width."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image: Image.Image, target: dict, rng: random.Random):
+        if rng.random() >= self.p:
+            return image, target
+        w = image.width
+        boxes = target["boxes"]
+        flipped = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), {**target, "boxes": flipped}
+
+
+def resized_shape(width: int, height: int, short: int, max_size: int | None) -> tuple[int, int]:
+    """(w, h) with the short side `short`, the long side capped at `max_size` (DETR's rule)."""
+    lo, hi = min(width, height), max(width, height)
+    if max_size is not None and hi / lo * short > max_size:
+        short = int(round(max_size * lo / hi))
+    if width <= height:
+        return short, int(round(short * height / width))
+    return int(round(short * width / height)), short
+
+
+class RandomResize:
+    """Resize so the short side is one of `sizes` (chosen at random), long side <= `max_size`."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None):
+        self.sizes = list(sizes)
+        self.max_size = max_size
+
+    def __call__(self, image: Image.Image, target: dict, rng: random.Random):
+        w, h = resized_shape(image.width, image.height, rng.choice(self.sizes), self.max_size)
+        sx, sy = w / image.width, h / image.height
+        scale = torch.tensor([sx, sy, sx, sy])
+        target = {**target, "boxes": target["boxes"] * scale, "area": target["area"] * sx * sy}
+        return image.resize((w, h), Image.Resampling.BILINEAR), target
+
+
+class RandomSizeCrop:
+    """Crop a random region with sides in [min_size, max_size]; boxes are clipped to it and
+    boxes left with no area (entirely outside) are dropped."""
+
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image: Image.Image, target: dict, rng: random.Random):
+        cw = rng.randint(min(self.min_size, image.width), min(image.width, self.max_size))
+        ch = rng.randint(min(self.min_size, image.height), min(image.height, self.max_size))
+        x0, y0 = rng.randint(0, image.width - cw), rng.randint(0, image.height - ch)
+        return crop(image, target, x0, y0, cw, ch)
+
+
+def crop(image: Image.Image, target: dict, x0: int, y0: int, w: int, h: int):
+    """Crop to the region (x0, y0, w, h); clip boxes, drop those with no area left."""
+    boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=target["boxes"].dtype)
+    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h], dtype=boxes.dtype))
+    keep = box_area_xyxy(boxes) > 0
+    target = _keep({**target, "boxes": boxes, "area": box_area_xyxy(boxes)}, keep)
+    return image.crop((x0, y0, x0 + w, y0 + h)), target
+
+
+class RandomChoice:
+    """Apply one of the transforms, chosen uniformly (DETR's RandomSelect generalised)."""
+
+    def __init__(self, transforms: Sequence):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, target, rng: random.Random):
+        return rng.choice(self.transforms)(image, target, rng)
+
+
+class Normalize:
+    """PIL image -> float tensor [3, H, W] normalised; boxes -> normalised cxcywh in [0, 1]."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: Image.Image, target: dict, rng: random.Random | None = None):
+        tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
+        h, w = tensor.shape[-2:]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        boxes = xyxy_to_cxcywh(target["boxes"]) / scale
+        return tensor, {**target, "boxes": boxes, "size": torch.tensor([h, w])}
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Augmentation settings; the defaults are DINO's COCO recipe."""
+
+    scales: tuple[int, ...] = tuple(range(480, 801, 32))
+    max_size: int = 1333
+    crop_resize: tuple[int, ...] = (400, 500, 600)  # () disables the crop branch
+    crop_size: tuple[int, int] = (384, 600)
+    flip_prob: float = 0.5
+    eval_size: int = 800
+
+
+def build_transforms(cfg: TransformConfig, train: bool) -> Compose:
+    """Training: flip, then either a multi-scale resize or resize -> random crop -> resize.
+    Evaluation: a single resize to `eval_size` (long side <= max_size)."""
+    if not train:
+        return Compose([RandomResize([cfg.eval_size], cfg.max_size), Normalize()])
+    resize = RandomResize(cfg.scales, cfg.max_size)
+    steps = [HorizontalFlip(cfg.flip_prob)]
+    if cfg.crop_resize:
+        cropped = Compose([RandomResize(cfg.crop_resize), RandomSizeCrop(*cfg.crop_size), resize])
+        steps.append(RandomChoice([resize, cropped]))
+    else:
+        steps.append(resize)
+    return Compose([*steps, Normalize()])
+
+
+def no_augmentation() -> Compose:
+    """Only `Normalize`: the image keeps its size, boxes are exactly the annotations'."""
+    return Compose([Normalize()])

@@ -1,0 +1,105 @@
+"""Box-aware transforms keep boxes and pixels consistent."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.boxes import cxcywh_to_xyxy, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh
+from pipelines.transforms import (
+    HorizontalFlip,
+    Normalize,
+    RandomResize,
+    TransformConfig,
+    build_transforms,
+    crop,
+    resized_shape,
+)
+
+
+def make(w=64, h=48, boxes=((4, 6, 20, 30), (40, 10, 60, 40))):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8))
+    b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    target = {
+        "boxes": b,
+        "labels": torch.arange(len(b)) + 7,
+        "iscrowd": torch.zeros(len(b), dtype=torch.int64),
+        "area": (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]),
+        "image_id": 1,
+    }
+    return image, target
+
+
+def test_box_conversions_round_trip():
+    b = torch.tensor([[1.0, 2.0, 5.0, 9.0]])
+    torch.testing.assert_close(xywh_to_xyxy(xyxy_to_xywh(b)), b)
+    torch.testing.assert_close(cxcywh_to_xyxy(xyxy_to_cxcywh(b)), b)
+    torch.testing.assert_close(xyxy_to_cxcywh(b), torch.tensor([[3.0, 5.5, 4.0, 7.0]]))
+
+
+def test_flip_twice_is_the_identity():
+    image, target = make()
+    flip = HorizontalFlip(p=1.0)
+    once_img, once = flip(image, target, random.Random(0))
+    assert once["boxes"][0].tolist() == [64 - 20, 6, 64 - 4, 30]
+    assert np.array_equal(np.asarray(once_img)[:, ::-1], np.asarray(image))
+    twice_img, twice = flip(once_img, once, random.Random(0))
+    assert np.array_equal(np.asarray(twice_img), np.asarray(image))
+    torch.testing.assert_close(twice["boxes"], target["boxes"])
+
+
+def test_crop_clips_partial_boxes_and_drops_boxes_fully_outside():
+    image, target = make()
+    out_img, out = crop(image, target, x0=30, y0=0, w=34, h=48)
+    assert out_img.size == (34, 48)
+    # box 0 (x 4..20) lies left of the crop: dropped; box 1 (x 40..60) shifted by 30
+    assert out["labels"].tolist() == [8]
+    assert out["boxes"].tolist() == [[10, 10, 30, 40]]
+    # a box straddling the edge is clipped to it
+    _, part = crop(image, target, x0=10, y0=0, w=20, h=48)
+    assert part["boxes"][0].tolist() == [0, 6, 10, 30] and part["labels"].tolist() == [7]
+    assert part["area"][0].item() == 10 * 24
+
+
+def test_resize_scales_boxes_and_respects_max_size():
+    assert resized_shape(640, 480, 800, 1333) == (1067, 800)
+    assert resized_shape(2000, 500, 800, 1333) == (
+        1332,
+        333,
+    )  # short side round(333.25), long <= cap
+    image, target = make()
+    out_img, out = RandomResize([96])(image, target, random.Random(0))
+    assert out_img.size == (128, 96)
+    torch.testing.assert_close(out["boxes"], target["boxes"] * 2)
+    torch.testing.assert_close(out["area"], target["area"] * 4)
+
+
+def test_normalize_gives_normalised_cxcywh():
+    image, target = make()
+    tensor, out = Normalize()(image, target)
+    assert tensor.shape == (3, 48, 64) and out["size"].tolist() == [48, 64]
+    torch.testing.assert_close(out["boxes"][0], torch.tensor([12 / 64, 18 / 48, 16 / 64, 24 / 48]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_training_recipe_keeps_boxes_inside_and_labels_aligned(seed):
+    cfg = TransformConfig(scales=(64, 80), max_size=128, crop_resize=(56,), crop_size=(24, 40))
+    image, target = make()
+    tensor, out = build_transforms(cfg, train=True)(image, target, random.Random(seed))
+    assert tensor.shape[0] == 3 and max(tensor.shape[1:]) <= 128
+    boxes = cxcywh_to_xyxy(out["boxes"])
+    assert ((boxes >= -1e-6) & (boxes <= 1 + 1e-6)).all()
+    assert set(out["labels"].tolist()) <= {7, 8} and len(out["labels"]) == len(out["boxes"])
+
+
+def test_empty_target_passes_through_every_step():
+    image, target = make(boxes=())
+    cfg = TransformConfig(scales=(64,), max_size=128, crop_resize=(56,), crop_size=(24, 40))
+    for seed in range(4):
+        tensor, out = build_transforms(cfg, train=True)(image, target, random.Random(seed))
+        assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,)
