@@ -16,7 +16,6 @@ and key; `loader.skipped()` gives the counts summed over workers.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -26,13 +25,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from pipelines.boxes import xywh_to_xyxy
 from pipelines.sampling import DEFAULT_THRESHOLD, category_repeat_factors, repeat_stream
 from pipelines.shards import ShardSet
+from pipelines.transforms import decode_image_bytes
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "png")
@@ -47,7 +47,7 @@ class Batch:
     `empty` marks a filler batch of an evaluation pass (run it, ignore its outputs).
     """
 
-    images: torch.Tensor  # [B, 3, H, W]
+    images: torch.Tensor  # [B, 3, H, W] uint8; `pipelines.transforms.normalize_images` on device
     masks: torch.Tensor  # [B, H, W] bool
     targets: list[dict]
     empty: bool = False
@@ -82,16 +82,44 @@ class SkipCounter:
         )
 
 
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; inside a loader worker, allocated in shared memory.
+
+    A tensor sent from a worker is otherwise copied into shared memory when it is pickled:
+    for image batches that copy costs more than decoding (torch's default_collate avoids it the
+    same way).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
-    """Pad images to the largest height and width in the batch; mask marks the padding."""
+    """Pad images to the largest height and width in the batch (padding is zero).
+
+    Pixels are copied row-contiguously into an [B, H, W, 3] buffer (the layout the copy is
+    fastest in); `images` is its [B, 3, H, W] view. The padding mask is built from the targets'
+    sizes where the batch is used (`padding_masks`), not shipped between processes.
+    """
     h = max(img.shape[1] for img, _ in samples)
     w = max(img.shape[2] for img, _ in samples)
-    images = torch.zeros(len(samples), 3, h, w)
-    masks = torch.ones(len(samples), h, w, dtype=torch.bool)
+    hwc = _batch_buffer((len(samples), h, w, 3))
     for i, (img, _) in enumerate(samples):
-        images[i, :, : img.shape[1], : img.shape[2]] = img
-        masks[i, : img.shape[1], : img.shape[2]] = False
-    return Batch(images, masks, [t for _, t in samples])
+        ih, iw = img.shape[1:]
+        hwc[i, :ih, :iw] = img.permute(1, 2, 0)
+        hwc[i, ih:] = 0
+        hwc[i, :ih, iw:] = 0
+    return Batch(hwc.permute(0, 3, 1, 2), None, [t for _, t in samples])
+
+
+def padding_masks(targets: Sequence[dict], height: int, width: int) -> torch.Tensor:
+    """[B, H, W] bool, True outside each image's `size` (h, w)."""
+    masks = torch.ones(len(targets), height, width, dtype=torch.bool)
+    for i, t in enumerate(targets):
+        ih, iw = (int(v) for v in t["size"])
+        masks[i, :ih, :iw] = False
+    return masks
 
 
 def empty_batch(size: int = 32) -> Batch:
@@ -125,6 +153,27 @@ def target_from_meta(meta: dict) -> dict:
         "image_id": meta["image_id"],
         "orig_size": torch.tensor([meta["height"], meta["width"]]),
     }
+
+
+def _pack(batch: Batch) -> Batch:
+    """The form a batch crosses from a loader worker in: one shared-memory tensor (the pixels)
+    and targets as numpy arrays, pickled inline. Each tensor sent between processes costs a
+    shared-memory segment of its own, and a batch's targets hold dozens."""
+    targets = [
+        {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        for t in batch.targets
+    ]
+    return Batch(batch.images, None, targets, batch.empty, batch.skipped)
+
+
+def _unpack(batch: Batch) -> Batch:
+    """Back to tensors, with the padding mask."""
+    targets = [
+        {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in t.items()}
+        for t in batch.targets
+    ]
+    masks = padding_masks(targets, *batch.images.shape[-2:])
+    return Batch(batch.images, masks, targets, batch.empty, batch.skipped)
 
 
 class _Stages:
@@ -175,8 +224,7 @@ class _Stages:
     def decode(self, samples):
         for sample in samples:
             try:
-                image = Image.open(io.BytesIO(sample["image"]))
-                image = image.convert("RGB")
+                image = decode_image_bytes(sample["image"])
                 target = target_from_meta(sample["meta"])
             except Exception as err:  # noqa: BLE001
                 self.counter.skip("corrupt image", sample, err)
@@ -187,7 +235,7 @@ class _Stages:
         worker, _ = worker_id_and_count()
         for batch in wds.batched(batch_size, collation_fn=collate, partial=partial)(samples):
             batch.skipped = {worker: dict(self.counter.counts)}
-            yield batch
+            yield _pack(batch)
 
     def tar_handler(self, err: Exception) -> bool:
         self.counter.counts["unreadable shard data"] += 1
@@ -209,7 +257,8 @@ class _Loader:
 
     def __iter__(self) -> Iterator[Batch]:
         produced = 0
-        for batch in self.loader:
+        for packed in self.loader:
+            batch = _unpack(packed)
             self._skipped.update(batch.skipped)
             produced += 1
             yield batch

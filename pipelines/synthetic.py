@@ -274,7 +274,7 @@ def write_coco(
     paths = {}
     for split, records in make_records(taxonomy, cfg, histogram).items():
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for record in tqdm(records, desc=f"rendering {split}", unit="img"):
+        for record in tqdm(records, desc=f"rendering {split}", unit="img", disable=not records):
             (out / "images" / record.file_name).write_bytes(renderer(record))
         doc = {
             "info": {

@@ -12,18 +12,21 @@ from PIL import Image
 from pipelines.boxes import cxcywh_to_xyxy, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh
 from pipelines.transforms import (
     HorizontalFlip,
-    Normalize,
+    NormalizeBoxes,
     RandomResize,
     TransformConfig,
     build_transforms,
     crop,
+    decode_image_bytes,
+    normalize_images,
     resized_shape,
 )
 
 
 def make(w=64, h=48, boxes=((4, 6, 20, 30), (40, 10, 60, 40))):
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8))
+    image = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 255, size=(3, h, w), dtype=np.uint8)
+    )
     b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     target = {
         "boxes": b,
@@ -47,16 +50,16 @@ def test_flip_twice_is_the_identity():
     flip = HorizontalFlip(p=1.0)
     once_img, once = flip(image, target, random.Random(0))
     assert once["boxes"][0].tolist() == [64 - 20, 6, 64 - 4, 30]
-    assert np.array_equal(np.asarray(once_img)[:, ::-1], np.asarray(image))
+    assert torch.equal(once_img[:, :, 0], image[:, :, -1])
     twice_img, twice = flip(once_img, once, random.Random(0))
-    assert np.array_equal(np.asarray(twice_img), np.asarray(image))
+    assert torch.equal(twice_img, image)
     torch.testing.assert_close(twice["boxes"], target["boxes"])
 
 
 def test_crop_clips_partial_boxes_and_drops_boxes_fully_outside():
     image, target = make()
     out_img, out = crop(image, target, x0=30, y0=0, w=34, h=48)
-    assert out_img.size == (34, 48)
+    assert tuple(out_img.shape) == (3, 48, 34) and torch.equal(out_img, image[:, :, 30:])
     # box 0 (x 4..20) lies left of the crop: dropped; box 1 (x 40..60) shifted by 30
     assert out["labels"].tolist() == [8]
     assert out["boxes"].tolist() == [[10, 10, 30, 40]]
@@ -74,16 +77,41 @@ def test_resize_scales_boxes_and_respects_max_size():
     )  # short side round(333.25), long <= cap
     image, target = make()
     out_img, out = RandomResize([96])(image, target, random.Random(0))
-    assert out_img.size == (128, 96)
+    assert tuple(out_img.shape) == (3, 96, 128)
     torch.testing.assert_close(out["boxes"], target["boxes"] * 2)
     torch.testing.assert_close(out["area"], target["area"] * 4)
 
 
-def test_normalize_gives_normalised_cxcywh():
+def test_normalize_boxes_gives_normalised_cxcywh_and_size():
     image, target = make()
-    tensor, out = Normalize()(image, target)
-    assert tensor.shape == (3, 48, 64) and out["size"].tolist() == [48, 64]
+    same, out = NormalizeBoxes()(image, target)
+    assert same is image and out["size"].tolist() == [48, 64]
     torch.testing.assert_close(out["boxes"][0], torch.tensor([12 / 64, 18 / 48, 16 / 64, 24 / 48]))
+
+
+def test_decoder_reads_jpeg_and_png_like_pil(tmp_path):
+    import io
+
+    pixels = np.random.default_rng(1).integers(0, 255, size=(20, 30, 3), dtype=np.uint8)
+    png, jpg = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    Image.fromarray(pixels).convert("L").save(jpg, format="JPEG")  # greyscale becomes RGB
+    assert torch.equal(
+        decode_image_bytes(png.getvalue()), torch.from_numpy(pixels).permute(2, 0, 1)
+    )
+    grey = decode_image_bytes(jpg.getvalue())
+    assert grey.shape == (3, 20, 30) and torch.equal(grey[0], grey[2])
+    with pytest.raises(RuntimeError):
+        decode_image_bytes(jpg.getvalue()[:30])
+
+
+def test_normalize_images_matches_the_per_channel_formula():
+    images = torch.tensor(
+        [[[[0, 255]], [[51, 102]], [[255, 0]]]], dtype=torch.uint8
+    )  # [1, 3, 1, 2]
+    out = normalize_images(images, mean=(0.5, 0.2, 0.0), std=(0.5, 0.1, 1.0))
+    expected = torch.tensor([[[[-1.0, 1.0]], [[0.0, 2.0]], [[1.0, 0.0]]]])
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,0 +1,163 @@
+"""Training-loader throughput against the practical limit and a plain map-style loader.
+
+    python benchmarks/bench_loader.py [--images 480] [--batches 60]
+
+Data: synthetic JPEGs (COCO-like sizes, 400-640 px) written once as files + COCO JSON and as
+shards of the very same bytes. Measured in this run, on the same cores (2 loader processes):
+- decode limit: a tight loop that only decodes the JPEGs with PIL in a 2-process pool (and,
+  for reference, the same loop with torchvision's decoder, which the loader uses);
+- ours: `pipelines.loader.train_loader` (resampled shards, shuffle buffer, decode, transforms,
+  padded batches), first batch excluded (worker start-up);
+- map-style: a torch `Dataset` over the JSON + image files with the same transforms and a
+  `DataLoader` with 2 workers, first batch excluded.
+Two transform settings: `decode only` (decode, boxes to cxcywh, padded batch: the loader's own
+overhead) and
+`train recipe` (flip, multi-scale resize, crop branch at DINO's scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipelines.annotations import load_coco
+from pipelines.loader import collate, target_from_meta, train_loader
+from pipelines.shards import FileImageReader, write_shards
+from pipelines.synthetic import SynthConfig, write_coco
+from pipelines.transforms import (
+    TransformConfig,
+    build_transforms,
+    decode_image_bytes,
+    no_augmentation,
+)
+from taxonomy import Node, Taxonomy
+
+BATCH = 8
+
+
+def decode_pil(data: bytes) -> tuple[int, int]:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return (image if image.mode == "RGB" else image.convert("RGB")).size
+
+
+def decode_torchvision(data: bytes) -> tuple[int, ...]:
+    return tuple(decode_image_bytes(data).shape)
+
+
+def decode_limit(decode, blobs: list[bytes], passes: int = 2) -> float:
+    with Pool(2) as pool:
+        pool.map(decode, blobs[:16])  # start the workers
+        start = time.perf_counter()
+        for _ in range(passes):
+            pool.map(decode, blobs, chunksize=8)
+        return passes * len(blobs) / (time.perf_counter() - start)
+
+
+class MapStyle(torch.utils.data.Dataset):
+    """The plain baseline: one JSON record list, one file open per image."""
+
+    def __init__(self, records, root: Path, transforms):
+        self.records, self.root, self.transforms = records, root, transforms
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        image = decode_image_bytes((self.root / r.file_name).read_bytes())
+        return self.transforms(image, target_from_meta(r.sample_json()), random.Random(i))
+
+
+def rate(loader, batches: int) -> float:
+    it = iter(loader)
+    next(it)  # worker start-up excluded
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += len(next(it).targets)
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=480)
+    parser.add_argument("--batches", type=int, default=60)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tax = Taxonomy(
+        [Node("r", "root", category_id=1)]
+        + [Node(f"c{i}", f"c{i}", ("r",), i) for i in range(2, 201)]
+    )
+    cfg = SynthConfig(num_train=args.images, num_val=0, min_side=400, max_side=640, seed=0)
+    recipe = TransformConfig()  # DINO's scales: short side 480..800, long side <= 1333
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        coco = write_coco(tax, cfg, root / "coco")["train"]
+        records, _ = load_coco(coco, root / "coco" / "images")
+        write_shards(
+            records,
+            FileImageReader(root / "coco" / "images"),
+            root / "shards",
+            max_samples=64,
+            progress=False,
+        )
+        blobs = [(root / "coco" / "images" / r.file_name).read_bytes() for r in records]
+        limit = decode_limit(decode_pil, blobs)
+        tv_limit = decode_limit(decode_torchvision, blobs)
+        rows = [
+            ("decode limit: PIL decode loop, 2 processes", limit, None),
+            ("torchvision decode loop (the loader's decoder), 2 processes", tv_limit, None),
+        ]
+        for label, transforms in (
+            ("decode only", no_augmentation()),
+            ("train recipe", build_transforms(recipe, True)),
+        ):
+            ours = rate(
+                train_loader(
+                    root / "shards",
+                    BATCH,
+                    args.batches + 1,
+                    transforms,
+                    shuffle_buffer=200,
+                    repeat_threshold=None,
+                    num_workers=2,
+                    rank=0,
+                    world_size=1,
+                ),
+                args.batches,
+            )
+            plain_loader = torch.utils.data.DataLoader(
+                MapStyle(records, root / "coco" / "images", transforms),
+                batch_size=BATCH,
+                shuffle=True,
+                num_workers=2,
+                collate_fn=collate,
+            )
+            plain = rate(_cycle(plain_loader), args.batches)
+            rows.append((f"ours, {label}", ours, plain))
+            rows.append((f"map-style over files, {label}", plain, None))
+    print(
+        f"{args.images} JPEGs 400-640 px, batch {BATCH}, {args.batches} timed batches, 2 CPU cores\n"
+    )
+    print("| loader | images/s | vs decode limit | vs map-style (same transforms) |")
+    print("|---|---|---|---|")
+    for name, value, plain in rows:
+        vs_plain = f"{value / plain:.2f}x" if plain else "-"
+        print(f"| {name} | {value:.1f} | {value / limit:.2f} | {vs_plain} |")
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+if __name__ == "__main__":
+    main()
