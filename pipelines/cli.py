@@ -173,7 +173,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipelines.inspect import draw_samples, summary
+    from pipelines.preview import draw_samples, summary
     from pipelines.shards import ShardSet
     from taxonomy import load_taxonomy
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from taxonomy.formats.common import category_node_id
 from taxonomy.tree import Taxonomy
-from taxonomy.wordnet import _closure, taxonomy_from_synsets, wordnet
+from taxonomy.wordnet import hypernym_closure, taxonomy_from_synsets, wordnet
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -150,7 +150,7 @@ def link_to_wordnet(
     linked = {link.synset: link for link in links if link.synset}
     node_by_cat = dict(zip(cat_ids, nodes, strict=True))
     tree = taxonomy_from_synsets(
-        _closure(wn.synset(s) for s in linked),
+        hypernym_closure(wn.synset(s) for s in linked),
         category_ids={s: link.category_id for s, link in linked.items()},
         names={s: link.name for s, link in linked.items()},
         attributes={s: node_by_cat[link.category_id].attributes for s, link in linked.items()},

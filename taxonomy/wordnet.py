@@ -86,7 +86,8 @@ def resolve_synsets(items: Iterable[str]) -> Resolution:
     return result
 
 
-def _closure(synsets: Iterable) -> list:
+def hypernym_closure(synsets: Iterable) -> list:
+    """The synsets and all their (instance) hypernyms, sorted by offset."""
     seen: dict[str, object] = {}
     stack = list(synsets)
     while stack:
@@ -154,7 +155,7 @@ def build_wordnet_taxonomy(
         for item, how in res.how.items():
             log.info("%s -> %s", item, how)
         requested = list({s.name(): s for s in res.synsets}.values())
-        synsets = _closure(requested)
+        synsets = hypernym_closure(requested)
         meta = {"built_from": f"hypernym closure of {len(requested)} synsets"}
         if categories == "none":
             requested = []
