@@ -1,0 +1,1 @@
+"""Detection models and their building blocks."""
