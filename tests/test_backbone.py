@@ -1,0 +1,77 @@
+"""Position encoding, ResNet backbone (frozen parts, local weights) and the 4-scale neck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vastdet.models.backbone import ChannelMapper, ResNetBackbone, downsample_mask
+from vastdet.models.position_encoding import SinePositionEncoding
+
+
+def test_position_encoding_ignores_padding():
+    enc = SinePositionEncoding(num_feats=8)
+    small = torch.zeros(1, 5, 7, dtype=torch.bool)
+    padded = torch.ones(1, 9, 12, dtype=torch.bool)
+    padded[0, :5, :7] = False
+    a, b = enc(small), enc(padded)
+    assert a.shape == (1, 16, 5, 7) and b.shape == (1, 16, 9, 12)
+    torch.testing.assert_close(b[..., :5, :7], a)
+    # the first half encodes y: constant along a row, varying down the columns
+    assert torch.allclose(a[0, :8, 2, 0], a[0, :8, 2, 6]) and not torch.allclose(
+        a[0, :8, 0, 0], a[0, :8, 4, 0]
+    )
+
+
+def test_resnet_strides_channels_and_frozen_parts(caplog):
+    with caplog.at_level("WARNING"):
+        net = ResNetBackbone("resnet18")
+    assert "randomly initialised" in caplog.text
+    feats = net(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape[1:]) for f in feats] == [(128, 8, 12), (256, 4, 6), (512, 2, 3)]
+    assert net.channels == [128, 256, 512] and net.strides == [8, 16, 32]
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("stem") for n in frozen) and any(
+        n.startswith("stages.0") for n in frozen
+    )
+    assert not any(n.startswith("stages.1") for n in frozen)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_local_weights_load_and_mismatch_is_named(tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)
+    net = ResNetBackbone("resnet18", weights=str(path))
+    torch.testing.assert_close(net.stem[0].weight, source.conv1.weight)
+    torch.testing.assert_close(net.stages[3][1].conv2.weight, source.layer4[1].conv2.weight)
+    state = source.state_dict()
+    del state["layer2.0.conv1.weight"]
+    state["head.extra"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError,
+        match=r"1 missing keys \['layer2.0.conv1.weight'\], 1 unexpected keys \['head.extra'\]",
+    ):
+        ResNetBackbone("resnet18", weights=str(path))
+
+
+def test_neck_gives_four_levels_of_model_width():
+    neck = ChannelMapper([128, 256, 512], d_model=32, num_levels=4, groups=8)
+    feats = [torch.randn(1, 128, 8, 12), torch.randn(1, 256, 4, 6), torch.randn(1, 512, 2, 3)]
+    out = neck(feats)
+    assert [tuple(o.shape) for o in out] == [
+        (1, 32, 8, 12),
+        (1, 32, 4, 6),
+        (1, 32, 2, 3),
+        (1, 32, 1, 2),
+    ]
+
+
+def test_mask_downsampling():
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[:, :, 4:] = True
+    assert downsample_mask(mask, (2, 2)).tolist() == [[[False, True], [False, True]]]

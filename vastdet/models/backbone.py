@@ -1,0 +1,134 @@
+"""Backbones giving multi-scale features, and the neck that maps them to the model width.
+
+ResNet (torchvision) with frozen batch norm and a frozen stem + first stage, as DETR/DINO train
+it. Weights come only from a local file named in the config; keys are checked strictly and a
+mismatch names the missing and unexpected keys. Without a file the backbone is randomly
+initialised and the log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+log = logging.getLogger(__name__)
+
+RESNETS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, what: str) -> None:
+    """Load a local state dict strictly; the error names missing and unexpected keys."""
+    # weights_only: a checkpoint a user names is data, never code to run
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = module.state_dict()
+    # batch-norm step counters mean nothing to frozen batch norm (which drops them on load)
+    state = {k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} does not fit the {what}: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(mismatched)} with other "
+            f"shapes {mismatched[:5]}"
+        )
+    module.load_state_dict(state, strict=True)
+    log.info("%s weights loaded from %s", what, path)
+
+
+class ResNetBackbone(nn.Module):
+    """Features of stages 2-4 (strides 8, 16, 32) of a torchvision ResNet."""
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        weights: str | None = None,
+        train_from_stage: int = 2,
+        out_stages: tuple[int, ...] = (2, 3, 4),
+    ):
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown ResNet {name!r}; choose one of {sorted(RESNETS)}")
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        if weights:
+            load_weights(net, weights, f"backbone {name}")
+        else:
+            log.warning("backbone %s has no weights file: randomly initialised", name)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        self.out_stages = out_stages
+        self.channels = [RESNETS[name][s - 1] for s in out_stages]
+        self.strides = [2 ** (s + 1) for s in out_stages]
+        for p in self.stem.parameters():
+            p.requires_grad_(False)
+        for stage, module in enumerate(self.stages, start=1):
+            if stage < train_from_stage:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(images)
+        features = []
+        for stage, module in enumerate(self.stages, start=1):
+            x = module(x)
+            if stage in self.out_stages:
+                features.append(x)
+        return features
+
+
+class ChannelMapper(nn.Module):
+    """DINO's neck: a 1x1 conv + GroupNorm per backbone level, plus extra levels from a 3x3
+    stride-2 conv on the last backbone level (4 scales from 3 backbone levels)."""
+
+    def __init__(
+        self, in_channels: list[int], d_model: int = 256, num_levels: int = 4, groups: int = 32
+    ):
+        super().__init__()
+        if num_levels < len(in_channels):
+            raise ValueError("num_levels must cover every backbone level")
+        self.proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(groups, d_model))
+            for c in in_channels
+        )
+        extra, source = [], in_channels[-1]
+        for _ in range(num_levels - len(in_channels)):
+            extra.append(
+                nn.Sequential(
+                    nn.Conv2d(source, d_model, 3, stride=2, padding=1),
+                    nn.GroupNorm(groups, d_model),
+                )
+            )
+            source = d_model
+        self.extra = nn.ModuleList(extra)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight, gain=1)
+                nn.init.constant_(module.bias, 0)
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = [proj(f) for proj, f in zip(self.proj, features)]
+        source = features[-1]
+        for layer in self.extra:
+            source = layer(source)
+            out.append(source)
+        return out
+
+
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The padding mask [B, H, W] at a feature map's size (nearest)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
