@@ -37,7 +37,9 @@ def load_weights(module: nn.Module, path: str | os.PathLike, what: str) -> None:
         state = state["model"]
     own = module.state_dict()
     # batch-norm step counters mean nothing to frozen batch norm (which drops them on load)
-    state = {k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)}
+    state = {
+        k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)
+    }
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)

@@ -1,0 +1,104 @@
+"""YAML configuration into typed dataclasses: one loader for every config in the project.
+
+`load_config(path_or_preset, cls)` reads YAML with `yaml.safe_load` and builds `cls`, recursing
+into dataclass-typed fields. Unknown keys are rejected with a message naming the key, where it
+sits and the file; values are checked against the field types. Presets ship in
+`vastdet/configs/` and are named without `.yaml` (`vastdet train --config demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+PRESETS = Path(__file__).parent / "configs"
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that does not fit its schema; names the key and the file."""
+
+
+def preset_path(name: str | os.PathLike) -> Path:
+    """A file path as given, or a preset name from `vastdet/configs/`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = PRESETS / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    raise FileNotFoundError(
+        f"no config file {name!r} and no preset of that name (presets: {', '.join(known)})"
+    )
+
+
+def _convert(value: Any, hint: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping, not {value!r}")
+        return from_dict(hint, value, source, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, where, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where} must be a list, not {value!r}")
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, f"{where}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping, not {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{source}: {where} must be {hint.__name__}, not {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, source: str = "<config>", where: str = "") -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        place = f" in {where}" if where else ""
+        raise ConfigError(
+            f"{source}: unknown key {unknown[0]!r}{place} (known: {', '.join(sorted(names))})"
+        )
+    values = {
+        k: _convert(v, hints[k], f"{where}.{k}" if where else k, source) for k, v in data.items()
+    }
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {where or cls.__name__}: {err}") from None
+
+
+def load_config(name: str | os.PathLike, cls: type[T]) -> T:
+    """Read a YAML file or preset into `cls`."""
+    path = preset_path(name)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return from_dict(cls, data, str(path))

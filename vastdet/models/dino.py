@@ -1,0 +1,150 @@
+"""DINO (Zhang et al. 2023): the all-category baseline both vast-vocabulary methods compare with.
+
+Backbone -> 4-scale neck -> deformable transformer with mixed query selection, contrastive
+denoising and look-forward-twice refinement. Classification is one sigmoid per category: the
+head's C columns stand for `category_ids` (ascending), and outputs carry that mapping so
+post-processing reports real category ids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipelines.transforms import normalize_images
+from vastdet.models.backbone import ChannelMapper, downsample_mask
+from vastdet.models.denoising import build_denoising
+from vastdet.models.position_encoding import SinePositionEncoding
+from vastdet.models.transformer import MLP, DeformableTransformer
+
+PRIOR_PROBABILITY = 0.01  # initial foreground probability of every class (focal loss practice)
+
+
+def label_columns(labels: torch.Tensor, category_ids: torch.Tensor) -> torch.Tensor:
+    """Column of each category id in `category_ids` (ascending); names ids outside the vocabulary."""
+    cols = torch.searchsorted(category_ids, labels).clamp(max=max(len(category_ids) - 1, 0))
+    bad = (
+        category_ids[cols] != labels
+        if len(category_ids)
+        else torch.ones_like(labels, dtype=torch.bool)
+    )
+    if bad.any():
+        raise ValueError(
+            f"category ids {labels[bad].unique()[:10].tolist()} are not in the model's vocabulary"
+        )
+    return cols
+
+
+class DINO(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        transformer: DeformableTransformer,
+        category_ids: torch.Tensor,
+        num_levels: int = 4,
+        dn_number: int = 100,
+        label_noise: float = 0.5,
+        box_noise: float = 1.0,
+        neck_groups: int = 32,
+    ):
+        super().__init__()
+        d = transformer.d_model
+        self.backbone = backbone
+        self.neck = ChannelMapper(backbone.channels, d, num_levels, neck_groups)
+        self.position = SinePositionEncoding(d // 2)
+        self.transformer = transformer
+        self.register_buffer(
+            "category_ids", torch.as_tensor(category_ids, dtype=torch.int64), persistent=True
+        )
+        num_classes = len(self.category_ids)
+        self.class_head = nn.Linear(d, num_classes)  # shared by all decoder layers (DINO)
+        self.bbox_head = MLP(d, d, 4, 3)
+        self.enc_class_head = nn.Linear(d, num_classes)
+        self.enc_bbox_head = MLP(d, d, 4, 3)
+        self.label_embedding = nn.Embedding(num_classes, d)
+        self.dn_number, self.label_noise, self.box_noise = dn_number, label_noise, box_noise
+        bias = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
+        for head in (self.class_head, self.enc_class_head):
+            nn.init.constant_(head.bias, bias)
+        for mlp in (self.bbox_head, self.enc_bbox_head):
+            nn.init.constant_(mlp.layers[-1].weight, 0.0)
+            nn.init.constant_(mlp.layers[-1].bias, 0.0)
+
+    def class_logits(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits over all categories [..., C]; `layer = -1` is the encoder proposals' head."""
+        return (self.enc_class_head if layer < 0 else self.class_head)(tokens)
+
+    def features(self, images: torch.Tensor, masks: torch.Tensor):
+        feats = self.neck(
+            self.backbone(normalize_images(images) if images.dtype == torch.uint8 else images)
+        )
+        level_masks = [downsample_mask(masks, f.shape[-2:]) for f in feats]
+        return (
+            feats,
+            level_masks,
+            [self.position(m).to(f.dtype) for f, m in zip(feats, level_masks)],
+        )
+
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor, targets: list[dict] | None = None
+    ) -> dict:
+        """images [B, 3, H, W] (uint8 are normalised here), masks [B, H, W] True on padding;
+        targets (training) with `labels` as category ids and normalised cxcywh `boxes`."""
+        feats, level_masks, positions = self.features(images, masks)
+        dn = None
+        if self.training and targets is not None:
+            cols = [
+                label_columns(t["labels"].to(self.category_ids.device), self.category_ids)
+                for t in targets
+            ]
+            dn = build_denoising(
+                cols,
+                [t["boxes"] for t in targets],
+                self.label_embedding,
+                self.transformer.num_queries,
+                self.dn_number,
+                self.label_noise,
+                self.box_noise,
+            )
+        heads = [self.bbox_head] * len(self.transformer.decoder)  # shared by all layers (DINO)
+        out = self.transformer(
+            feats,
+            level_masks,
+            positions,
+            self.class_logits,
+            heads,
+            self.enc_bbox_head,
+            *(dn[:3] if dn is not None else (None, None, None)),
+        )
+        logits = [self.class_logits(h, i) for i, h in enumerate(out["hs"])]
+        if dn is None and self.training:
+            # every parameter takes part in every step on every rank (ZeRO's collectives), so the
+            # label embedding runs on a dummy input with zero weight when there is nothing to denoise
+            logits[-1] = (
+                logits[-1]
+                + 0.0
+                * self.label_embedding(torch.zeros(1, dtype=torch.long, device=images.device)).sum()
+            )
+        pad = dn[3].pad_size if dn is not None else 0
+        layers = [
+            {"pred_logits": lg[:, pad:], "pred_boxes": bx[:, pad:]}
+            for lg, bx in zip(logits, out["boxes"])
+        ]
+        result = {
+            **layers[-1],
+            "aux_outputs": layers[:-1],
+            "category_ids": self.category_ids,
+            "enc_outputs": {
+                "pred_logits": self.class_logits(out["enc_tokens"], -1),
+                "pred_boxes": out["enc_boxes"],
+            },
+        }
+        if dn is not None:
+            result["dn_outputs"] = [
+                {"pred_logits": lg[:, :pad], "pred_boxes": bx[:, :pad]}
+                for lg, bx in zip(logits, out["boxes"])
+            ]
+            result["dn_meta"] = dn[3]
+        return result

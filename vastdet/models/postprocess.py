@@ -1,0 +1,50 @@
+"""Detections out of model outputs: top-k over (query, category) scores, boxes in pixels,
+labels as real category ids, as COCO result dicts."""
+
+from __future__ import annotations
+
+import torch
+
+from vastdet.models.box_ops import cxcywh_to_xyxy
+
+
+class PostProcess:
+    def __init__(self, max_detections: int = 300):
+        self.max_detections = max_detections  # V3Det's protocol evaluates 300 per image
+
+    @torch.no_grad()
+    def __call__(self, outputs: dict, orig_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """orig_sizes [B, 2] as (h, w). Per image: `scores` [k], `labels` (category ids) [k],
+        `boxes` [k, 4] xyxy in original pixels, best first."""
+        logits, boxes, cats = outputs["pred_logits"], outputs["pred_boxes"], outputs["category_ids"]
+        b, q, c = logits.shape
+        k = min(self.max_detections, q * c)
+        scores, flat = logits.sigmoid().flatten(1).topk(k, dim=1)
+        query, column = flat // c, flat % c
+        picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
+        h, w = orig_sizes.unbind(1)
+        scale = torch.stack([w, h, w, h], 1)[:, None].to(picked)
+        xyxy = cxcywh_to_xyxy(picked) * scale
+        return [
+            {"scores": scores[i], "labels": cats[column[i]], "boxes": xyxy[i]} for i in range(b)
+        ]
+
+    def coco_results(
+        self, outputs: dict, orig_sizes: torch.Tensor, image_ids: list[int]
+    ) -> list[dict]:
+        """COCO-format result dicts: image_id, category_id, bbox [x, y, w, h], score."""
+        results = []
+        for image_id, det in zip(image_ids, self(outputs, orig_sizes)):
+            xywh = torch.cat([det["boxes"][:, :2], det["boxes"][:, 2:] - det["boxes"][:, :2]], 1)
+            for score, label, box in zip(
+                det["scores"].tolist(), det["labels"].tolist(), xywh.tolist()
+            ):
+                results.append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": int(label),
+                        "bbox": box,
+                        "score": score,
+                    }
+                )
+        return results
