@@ -75,3 +75,30 @@ def test_mask_downsampling():
     mask = torch.zeros(1, 8, 8, dtype=torch.bool)
     mask[:, :, 4:] = True
     assert downsample_mask(mask, (2, 2)).tolist() == [[[False, True], [False, True]]]
+
+
+def test_swin_any_input_size_and_local_weights(tmp_path):
+    import timm
+
+    from vastdet.models.backbone import SwinBackbone, build_backbone
+
+    net = build_backbone("swin_t")
+    assert (
+        isinstance(net, SwinBackbone)
+        and net.channels == [192, 384, 768]
+        and net.strides == [8, 16, 32]
+    )
+    feats = net(torch.randn(1, 3, 100, 140))
+    assert [tuple(f.shape) for f in feats] == [(1, 192, 13, 18), (1, 384, 7, 9), (1, 768, 4, 5)]
+    # a timm classification checkpoint (with its head) loads; its head is dropped
+    torch.manual_seed(1)
+    source = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10)
+    path = tmp_path / "swin_t.pth"
+    torch.save(source.state_dict(), path)
+    loaded = SwinBackbone("swin_t", weights=str(path))
+    torch.testing.assert_close(loaded.net.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    state = source.state_dict()
+    del state["layers.1.blocks.0.attn.qkv.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"1 missing keys \['layers.1.blocks.0.attn.qkv.weight'\]"):
+        SwinBackbone("swin_t", weights=str(path))

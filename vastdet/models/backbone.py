@@ -27,8 +27,13 @@ RESNETS = {
 }
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike, what: str) -> None:
-    """Load a local state dict strictly; the error names missing and unexpected keys."""
+def load_weights(
+    module: nn.Module, path: str | os.PathLike, what: str, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Load a local state dict strictly; the error names missing and unexpected keys.
+
+    Keys starting with `ignore_prefixes` (a classifier head the detector does not have) are
+    dropped first."""
     # weights_only: a checkpoint a user names is data, never code to run
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -40,6 +45,7 @@ def load_weights(module: nn.Module, path: str | os.PathLike, what: str) -> None:
     state = {
         k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)
     }
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(ignore_prefixes)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -91,6 +97,56 @@ class ResNetBackbone(nn.Module):
             if stage in self.out_stages:
                 features.append(x)
         return features
+
+
+SWINS = {
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window12_384",  # the papers' Swin-B (1k or 22k weights)
+    "swin_l": "swin_large_patch4_window12_384",
+}
+
+
+class SwinBackbone(nn.Module):
+    """Features of Swin stages 2-4 (strides 8, 16, 32) from timm, for any input size.
+
+    A local timm checkpoint loads strictly except for the classification head (`head.*`),
+    which detection does not use.
+    """
+
+    def __init__(
+        self, name: str = "swin_t", weights: str | None = None, drop_path_rate: float = 0.2
+    ):
+        super().__init__()
+        import timm
+
+        if name not in SWINS:
+            raise ValueError(f"unknown Swin {name!r}; choose one of {sorted(SWINS)}")
+        self.net = timm.create_model(
+            SWINS[name],
+            pretrained=False,
+            num_classes=0,
+            strict_img_size=False,
+            drop_path_rate=drop_path_rate,
+        )
+        if weights:
+            load_weights(self.net, weights, f"backbone {name}", ignore_prefixes=("head.",))
+        else:
+            log.warning("backbone %s has no weights file: randomly initialised", name)
+        info = self.net.feature_info
+        self.channels = [info[i]["num_chs"] for i in (1, 2, 3)]
+        self.strides = [info[i]["reduction"] for i in (1, 2, 3)]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.net.forward_intermediates(
+            images, indices=[1, 2, 3], intermediates_only=True, output_fmt="NCHW"
+        )
+
+
+def build_backbone(name: str, weights: str | None = None, train_from_stage: int = 2) -> nn.Module:
+    """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/l`) backbone by name."""
+    if name in SWINS:
+        return SwinBackbone(name, weights)
+    return ResNetBackbone(name, weights, train_from_stage)
 
 
 class ChannelMapper(nn.Module):

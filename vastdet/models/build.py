@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vastdet.models.backbone import ResNetBackbone
+from vastdet.models.backbone import build_backbone
 from vastdet.models.criterion import DEFAULT_WEIGHTS, SetCriterion
 from vastdet.models.dino import DINO
 from vastdet.models.matcher import HungarianMatcher
@@ -54,7 +54,7 @@ class ModelConfig:
 def build_model(cfg: ModelConfig, category_ids) -> tuple[DINO, SetCriterion, PostProcess]:
     """(model, criterion, postprocessor) for the given category ids (the classifier's columns)."""
     category_ids = torch.as_tensor(sorted(int(c) for c in category_ids), dtype=torch.int64)
-    backbone = ResNetBackbone(cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage)
+    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage)
     transformer = DeformableTransformer(
         cfg.d_model,
         cfg.heads,
