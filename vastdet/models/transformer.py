@@ -68,6 +68,13 @@ def valid_ratios(masks: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(ratios, 1)
 
 
+def feed_forward(d_model: int, d_ffn: int, dropout: float) -> nn.Sequential:
+    """The transformer layers' FFN: Linear -> ReLU -> Dropout -> Linear."""
+    return nn.Sequential(
+        nn.Linear(d_model, d_ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
+    )
+
+
 class EncoderLayer(nn.Module):
     def __init__(
         self, d_model: int, d_ffn: int, heads: int, levels: int, points: int, dropout: float
@@ -75,9 +82,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attn = MSDeformAttn(d_model, levels, heads, points)
         self.norm1 = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(
-            nn.Linear(d_model, d_ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
-        )
+        self.ffn = feed_forward(d_model, d_ffn, dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
@@ -95,9 +100,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformAttn(d_model, levels, heads, points)
         self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(
-            nn.Linear(d_model, d_ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model)
-        )
+        self.ffn = feed_forward(d_model, d_ffn, dropout)
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
