@@ -1,0 +1,144 @@
+"""The sparse COCO box evaluator equals pycocotools' COCOeval on generated cases."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from vastdet.evaluation.coco import STAT_NAMES, evaluate_boxes
+
+
+def generate(seed: int, images=12, cats=7, per_image=5, crowd_rate=0.1, dets_per_gt=3):
+    rng = np.random.default_rng(seed)
+    gt = {
+        "images": [{"id": i + 3, "width": 400, "height": 300} for i in range(images)],
+        "categories": [{"id": 10 + 2 * c, "name": f"c{c}"} for c in range(cats)],
+        "annotations": [],
+    }
+    results = []
+    for img in gt["images"]:
+        for _ in range(int(rng.integers(0, per_image + 1))):
+            w, h = (
+                float(v)
+                for v in rng.choice([8, 20, 40, 90, 150], size=2) * rng.uniform(0.8, 1.2, size=2)
+            )
+            x, y = float(rng.uniform(0, 400 - w)), float(rng.uniform(0, 300 - h))
+            cat = 10 + 2 * int(rng.integers(0, cats))
+            gt["annotations"].append(
+                {
+                    "id": len(gt["annotations"]) + 1,
+                    "image_id": img["id"],
+                    "category_id": cat,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(rng.random() < crowd_rate),
+                }
+            )
+            for _ in range(
+                int(rng.integers(0, dets_per_gt + 1))
+            ):  # noisy, some with the wrong class
+                jitter = rng.normal(0, 0.15, size=4) * [w, h, w, h]
+                det_cat = cat if rng.random() < 0.8 else 10 + 2 * int(rng.integers(0, cats))
+                score = round(float(rng.uniform(0, 1)), 2)  # rounded: ties happen
+                results.append(
+                    {
+                        "image_id": img["id"],
+                        "category_id": det_cat,
+                        "bbox": [
+                            x + jitter[0],
+                            y + jitter[1],
+                            max(1.0, w + jitter[2]),
+                            max(1.0, h + jitter[3]),
+                        ],
+                        "score": score,
+                    }
+                )
+        for _ in range(int(rng.integers(0, 3))):  # background false positives
+            results.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": 10 + 2 * int(rng.integers(0, cats)),
+                    "bbox": [float(v) for v in rng.uniform(0, 200, size=4)],
+                    "score": float(rng.uniform(0, 0.5)),
+                }
+            )
+    return gt, results
+
+
+def pycocotools_eval(gt, results, max_dets=(1, 10, 100)):
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluator.params.maxDets = list(max_dets)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_pycocotools(seed):
+    gt, results = generate(seed)
+    ours = evaluate_boxes(gt, results)
+    ref = pycocotools_eval(gt, results)
+    np.testing.assert_allclose(ours.precision, ref.eval["precision"], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(ours.recall, ref.eval["recall"], atol=1e-12, rtol=0)
+    np.testing.assert_allclose([ours.stats[k] for k in STAT_NAMES], ref.stats, atol=1e-12, rtol=0)
+
+
+def test_other_max_detections_and_ap_at_the_largest():
+    """pycocotools' summary takes AP at maxDets=100 whatever the settings (with [1, 3, 5] it
+    prints -1, as it would for V3Det's 300): ours takes AP at the largest maxDet."""
+    gt, results = generate(11, dets_per_gt=6)
+    ours = evaluate_boxes(gt, results, max_dets=(1, 3, 5))
+    ref = pycocotools_eval(gt, results, (1, 3, 5))
+    np.testing.assert_allclose(ours.precision, ref.eval["precision"], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(
+        [ours.stats[k] for k in STAT_NAMES[1:]], ref.stats[1:], atol=1e-12, rtol=0
+    )
+    at_largest = ref.eval["precision"][:, :, :, 0, -1]
+    assert ref.stats[0] == -1 and ours.stats["AP"] == pytest.approx(
+        at_largest[at_largest > -1].mean(), abs=1e-12
+    )
+
+
+def test_perfect_detections_give_ap_one():
+    gt, _ = generate(2, crowd_rate=0.0)
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+        }
+        for a in gt["annotations"]
+    ]
+    stats = evaluate_boxes(gt, results).stats
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+
+
+def test_images_without_predictions_or_ground_truth():
+    gt, results = generate(4)
+    gt["images"].append({"id": 999, "width": 10, "height": 10})  # no ground truth
+    results.append({"image_id": 999, "category_id": 10, "bbox": [1, 1, 5, 5], "score": 0.99})
+    emptied = {r["image_id"] for r in results[:5]}
+    results = [r for r in results if r["image_id"] not in emptied]  # images without predictions
+    ours = evaluate_boxes(gt, results)
+    ref = pycocotools_eval(gt, results)
+    np.testing.assert_allclose([ours.stats[k] for k in STAT_NAMES], ref.stats, atol=1e-12, rtol=0)
+
+
+def test_results_on_unknown_images_are_refused():
+    gt, results = generate(0)
+    with pytest.raises(ValueError, match="not in the ground truth"):
+        evaluate_boxes(
+            gt,
+            results + [{"image_id": 12345, "category_id": 10, "bbox": [0, 0, 1, 1], "score": 1.0}],
+        )
