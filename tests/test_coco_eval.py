@@ -88,8 +88,11 @@ def test_equals_pycocotools(seed):
     gt, results = generate(seed)
     ours = evaluate_boxes(gt, results)
     ref = pycocotools_eval(gt, results)
-    np.testing.assert_allclose(ours.precision, ref.eval["precision"], atol=1e-12, rtol=0)
-    np.testing.assert_allclose(ours.recall, ref.eval["recall"], atol=1e-12, rtol=0)
+    cats = sorted(c["id"] for c in gt["categories"])
+    np.testing.assert_allclose(
+        ours.dense_precision(cats), ref.eval["precision"], atol=1e-12, rtol=0
+    )
+    np.testing.assert_allclose(ours.dense_recall(cats), ref.eval["recall"], atol=1e-12, rtol=0)
     np.testing.assert_allclose([ours.stats[k] for k in STAT_NAMES], ref.stats, atol=1e-12, rtol=0)
 
 
@@ -99,7 +102,10 @@ def test_other_max_detections_and_ap_at_the_largest():
     gt, results = generate(11, dets_per_gt=6)
     ours = evaluate_boxes(gt, results, max_dets=(1, 3, 5))
     ref = pycocotools_eval(gt, results, (1, 3, 5))
-    np.testing.assert_allclose(ours.precision, ref.eval["precision"], atol=1e-12, rtol=0)
+    cats = sorted(c["id"] for c in gt["categories"])
+    np.testing.assert_allclose(
+        ours.dense_precision(cats), ref.eval["precision"], atol=1e-12, rtol=0
+    )
     np.testing.assert_allclose(
         [ours.stats[k] for k in STAT_NAMES[1:]], ref.stats[1:], atol=1e-12, rtol=0
     )
