@@ -148,3 +148,62 @@ def test_results_on_unknown_images_are_refused():
             gt,
             results + [{"image_id": 12345, "category_id": 10, "bbox": [0, 0, 1, 1], "score": 1.0}],
         )
+
+
+def test_v3det_rule_ignores_finer_detections_on_a_coarser_ground_truth():
+    from taxonomy import Node, Taxonomy
+    from vastdet.evaluation.coco import category_descendants
+
+    tax = Taxonomy(
+        [
+            Node("t", "thing"),
+            Node("a", "animal", ("t",), 1),
+            Node("c", "cat", ("a",), 2),
+            Node("k", "kitten", ("c",), 3),
+            Node("d", "dog", ("a",), 4),
+        ]
+    )
+    descendants = category_descendants(tax)
+    assert descendants == {1: {2, 3, 4}, 2: {3}}
+    box = [10.0, 10.0, 50.0, 50.0]
+    gt = {
+        "images": [{"id": 1}, {"id": 2}],
+        "categories": [{"id": c} for c in (1, 2, 3, 4)],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": box,
+                "area": 2500.0,
+                "iscrowd": 0,
+            },  # "animal"
+            {
+                "id": 2,
+                "image_id": 2,
+                "category_id": 2,
+                "bbox": box,
+                "area": 2500.0,
+                "iscrowd": 0,
+            },  # "cat"
+        ],
+    }
+    results = [
+        {"image_id": 1, "category_id": 2, "bbox": box, "score": 0.9},  # a cat on the animal
+        {"image_id": 2, "category_id": 2, "bbox": box, "score": 0.8},  # the real cat
+        {"image_id": 1, "category_id": 1, "bbox": box, "score": 0.7},
+    ]
+
+    def cat_ap(evaluation):
+        p = evaluation.precision[:, :, evaluation.category_ids.index(2), 0, -1]
+        return p[p > -1].mean()
+
+    plain = evaluate_boxes(gt, results)
+    assert cat_ap(plain) == pytest.approx(
+        0.5, abs=0.01
+    )  # the 0.9 cat on the animal is a false positive
+    ruled = evaluate_boxes(gt, results, descendants=descendants)
+    assert cat_ap(ruled) == pytest.approx(1.0)  # ... an ignored one under V3Det's rule
+    assert ruled.stats["AP"] == pytest.approx(1.0)
+    # with no descendants the rule changes nothing
+    assert evaluate_boxes(gt, results, descendants={}).stats == plain.stats

@@ -115,23 +115,60 @@ def _match(ious, gt_ignore, crowd, gt_ids, dt_area, area_range):
     return dtm, dt_ig | ((dtm == 0) & outside[None, :])
 
 
+def category_descendants(taxonomy) -> dict[int, set[int]]:
+    """category id -> the category ids below it (transitively), for the V3Det rule."""
+    tree = taxonomy.restrict(taxonomy.category_ids())
+    ptr, idx = tree.ancestor_closure()
+    cats = tree.category_column()
+    below: dict[int, set[int]] = {}
+    for i in range(len(tree)):
+        for a in idx[ptr[i] : ptr[i + 1]].tolist():
+            below.setdefault(int(cats[a]), set()).add(int(cats[i]))
+    return below
+
+
+def _v3det_ignored_copies(
+    anns: list[dict], results: list[dict], descendants: dict[int, set[int]]
+) -> list[dict]:
+    """V3Det's rule: a ground truth of category A gets an ignored copy in every descendant
+    category C of A that has detections in the same image, so a finer-grained detection on it
+    is neither a true nor a false positive (copies keep the original's id, as V3Det's do)."""
+    detected = {(r["image_id"], r["category_id"]) for r in results}
+    copies = []
+    for a in anns:
+        for child in sorted(descendants.get(a["category_id"], ())):
+            if (a["image_id"], child) in detected:
+                copies.append({**a, "category_id": child, "_ignored_copy": True})
+    return copies
+
+
 def evaluate_boxes(
-    gt: dict, results: list[dict], max_dets: tuple[int, ...] = (1, 10, 100)
+    gt: dict,
+    results: list[dict],
+    max_dets: tuple[int, ...] = (1, 10, 100),
+    descendants: dict[int, set[int]] | None = None,
 ) -> BoxEvaluation:
-    """Evaluate COCO-format detections against a COCO-format ground-truth document."""
+    """Evaluate COCO-format detections against a COCO-format ground-truth document.
+
+    `descendants` (category id -> ids below it, see `category_descendants`) turns on the V3Det
+    protocol's hierarchy rule; V3Det evaluates 300 detections per image: `max_dets=(1, 10, 300)`.
+    """
     image_ids = sorted(img["id"] for img in gt["images"])
     category_ids = sorted(c["id"] for c in gt["categories"])
     img_index = {i: n for n, i in enumerate(image_ids)}
     cat_index = {c: n for n, c in enumerate(category_ids)}
     n_img = len(image_ids)
-    anns = gt["annotations"]
+    anns = list(gt["annotations"])
+    if descendants:
+        anns += _v3det_ignored_copies(anns, results, descendants)
     g_key = np.array(
         [cat_index[a["category_id"]] * n_img + img_index[a["image_id"]] for a in anns],
         dtype=np.int64,
     )
     g_box = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
     g_area = np.array([a["area"] for a in anns], dtype=np.float64)
-    g_crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns])
+    g_crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+    g_copy = np.array([a.get("_ignored_copy", False) for a in anns], dtype=bool)
     g_id = np.array([a["id"] for a in anns], dtype=np.float64)
     unknown_images = {r["image_id"] for r in results} - set(img_index)
     if unknown_images:
@@ -168,7 +205,7 @@ def evaluate_boxes(
         )
         by_area = []
         for lo, hi in areas:
-            ignore = crowd | (g_area[gi] < lo) | (g_area[gi] > hi)
+            ignore = crowd | g_copy[gi] | (g_area[gi] < lo) | (g_area[gi] > hi)
             order = np.argsort(ignore, kind="mergesort")
             dtm, dt_ig = _match(
                 ious[:, order],
