@@ -277,12 +277,17 @@ class _Loader:
 
 
 def _data_loader(pipeline, num_workers: int):
+    """A DataLoader over the stream. It gets a generator of its own: by default each iterator
+    draws its workers' base seed from torch's global RNG, which would shift the model's random
+    stream (denoising noise) whenever a loader starts, and a resumed run would diverge. The
+    workers seed themselves from (seed, epoch, rank, worker) instead."""
     return torch.utils.data.DataLoader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

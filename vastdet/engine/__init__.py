@@ -1,0 +1,1 @@
+"""Training and evaluation on DeepSpeed: one entry point for every launcher."""

@@ -1,0 +1,82 @@
+"""The training configuration (YAML -> dataclasses, see `vastdet.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pipelines.transforms import TransformConfig
+from vastdet.config import load_config
+from vastdet.models.build import ModelConfig
+
+
+@dataclass
+class ParamGroup:
+    """Parameters whose name matches `pattern` (a regular expression) train at `lr_mult` times
+    the base learning rate (and `weight_decay_mult` times its weight decay). First match wins."""
+
+    pattern: str
+    lr_mult: float = 1.0
+    weight_decay_mult: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with DINO's defaults: lr 1e-4, backbone at 0.1x, weight decay 1e-4, clip 0.1."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    param_groups: list[ParamGroup] = field(
+        default_factory=lambda: [ParamGroup(r"^backbone\.", 0.1)]
+    )
+    warmup_steps: int = 0
+    decay_steps: list[int] = field(default_factory=list)  # multiply the lr by decay_gamma at each
+    decay_gamma: float = 0.1
+    clip_grad: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    val_shards: str | None = None
+    categories: str | None = None  # a taxonomy/category file; default: the manifest's
+    batch_size: int = 2  # per rank and micro-step
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    repeat_threshold: float | None = 1e-3
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig | str = "dino_r50_4scale"  # a preset name, a file, or the settings inline
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000  # optimizer steps in all
+    steps_per_epoch: int = 500  # batches per rank per epoch (streams are resampled)
+    grad_accum: int = 1
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 or bf16
+    seed: int = 42
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = load_config(self.model, ModelConfig)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, not {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if not self.data.train_shards:
+            raise ValueError("data.train_shards is required (a shard folder or manifest)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_train_config(path: str) -> TrainConfig:
+    return load_config(path, TrainConfig)
