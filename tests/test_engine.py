@@ -95,7 +95,7 @@ def run(config_path: Path, world: int = 1) -> list[dict]:
         )
         for r in range(world)
     ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     cfg = yaml.safe_load(config_path.read_text())

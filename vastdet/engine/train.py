@@ -133,14 +133,27 @@ def _gathered_rng_states() -> list[torch.Tensor]:
     return states
 
 
-def _summary(losses: dict[str, torch.Tensor], criterion) -> dict[str, float]:
-    """The final layer's terms, plus weighted sums of the auxiliary families."""
-    out = {k: float(v) for k, v in losses.items() if k in ("loss_ce", "loss_bbox", "loss_giou")}
+LOGGED_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_dn", "loss_enc")
+
+
+def _logged_losses(
+    loss: torch.Tensor, losses: dict[str, torch.Tensor], criterion
+) -> dict[str, float]:
+    """The total, the final layer's terms and the weighted sums of the denoising and encoder
+    families, averaged over ranks (every rank calls this at the same steps)."""
+    values = {"loss": loss.detach()}
+    values.update(
+        {k: losses[k].detach() for k in ("loss_ce", "loss_bbox", "loss_giou") if k in losses}
+    )
     for family, marker in (("loss_dn", "_dn_"), ("loss_enc", "_enc")):
-        part = {k: v for k, v in losses.items() if marker in k}
+        part = {k: v.detach() for k, v in losses.items() if marker in k}
         if part:
-            out[family] = float(criterion.weighted_sum(part))
-    return out
+            values[family] = criterion.weighted_sum(part)
+    vector = torch.tensor([float(values.get(k, 0.0)) for k in LOGGED_TERMS], device=loss.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(vector)
+        vector /= torch.distributed.get_world_size()
+    return {k: v for k, v in zip(LOGGED_TERMS, vector.tolist()) if k in values}
 
 
 def train(config: TrainConfig | str) -> dict:
@@ -237,8 +250,7 @@ def train(config: TrainConfig | str) -> dict:
                     last = {
                         "step": step,
                         "epoch": epoch,
-                        "loss": loss.item(),
-                        **_summary(losses, criterion),
+                        **_logged_losses(loss, losses, criterion),
                         "lr": cfg.optim.lr * lr_factor(step - 1, cfg.optim),
                         "images_per_s": images_seen * world / max(elapsed, 1e-9),
                         "data_wait_s": data_wait,

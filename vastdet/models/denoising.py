@@ -45,15 +45,22 @@ def build_denoising(
     generator: torch.Generator | None = None,
 ):
     """(queries [B, P, D], reference boxes [B, P, 4] normalised cxcywh, attention mask
-    [P + Q, P + Q] with True = blocked, meta), or None when the batch has no targets.
+    [P + Q, P + Q] with True = blocked, meta), or None when `dn_number` is 0. A batch without
+    targets gets one empty group (all queries zero, nothing to reconstruct).
 
     `labels` are column indices into the label embedding; `boxes` normalised cxcywh.
     """
     counts = [int(lab.numel()) for lab in labels]
-    single_pad = max(counts, default=0)
-    if single_pad == 0 or dn_number <= 0:
+    if dn_number <= 0:
         return None
-    groups = max(1, dn_number // (2 * single_pad)) if dn_number >= 100 else max(1, dn_number)
+    single_pad = max(counts, default=0)
+    if single_pad == 0:
+        # Nothing to denoise: one empty group still runs the label embedding and the decoder the
+        # way denoising does, so every rank makes the same module calls in the same order,
+        # forward and backward (ZeRO-3 gathers parameters per module call; ranks out of order hang).
+        single_pad, groups = 1, 1
+    else:
+        groups = max(1, dn_number // (2 * single_pad)) if dn_number >= 100 else max(1, dn_number)
     pad = 2 * single_pad * groups
     b, device = len(labels), label_embedding.weight.device
     num_classes = label_embedding.num_embeddings

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipelines.transforms import normalize_images
@@ -37,6 +38,31 @@ def label_columns(labels: torch.Tensor, category_ids: torch.Tensor) -> torch.Ten
     return cols
 
 
+class ClassHead(nn.Linear):
+    """A linear classifier over every category.
+
+    `best_only=True` returns each token's highest logit [B, S] without holding [B, S, C]: tokens
+    are scored in chunks inside this one forward call. One call per use, whatever the number of
+    tokens, matters under ZeRO-3: parameters are gathered per module call, and ranks whose
+    images differ in size must still make the same calls.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, chunk: int = 4096):
+        super().__init__(in_features, num_classes)
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor, best_only: bool = False) -> torch.Tensor:
+        if not best_only:
+            return super().forward(x)
+        return torch.cat(
+            [
+                F.linear(part, self.weight, self.bias).max(-1).values
+                for part in x.split(self.chunk, dim=1)
+            ],
+            dim=1,
+        )
+
+
 class DINO(nn.Module):
     def __init__(
         self,
@@ -59,9 +85,9 @@ class DINO(nn.Module):
             "category_ids", torch.as_tensor(category_ids, dtype=torch.int64), persistent=True
         )
         num_classes = len(self.category_ids)
-        self.class_head = nn.Linear(d, num_classes)  # shared by all decoder layers (DINO)
+        self.class_head = ClassHead(d, num_classes)  # shared by all decoder layers (DINO)
         self.bbox_head = MLP(d, d, 4, 3)
-        self.enc_class_head = nn.Linear(d, num_classes)
+        self.enc_class_head = ClassHead(d, num_classes)
         self.enc_bbox_head = MLP(d, d, 4, 3)
         self.label_embedding = nn.Embedding(num_classes, d)
         self.dn_number, self.label_noise, self.box_noise = dn_number, label_noise, box_noise
@@ -72,9 +98,12 @@ class DINO(nn.Module):
             nn.init.constant_(mlp.layers[-1].weight, 0.0)
             nn.init.constant_(mlp.layers[-1].bias, 0.0)
 
-    def class_logits(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits over all categories [..., C]; `layer = -1` is the encoder proposals' head."""
-        return (self.enc_class_head if layer < 0 else self.class_head)(tokens)
+    def class_logits(
+        self, tokens: torch.Tensor, layer: int, best_only: bool = False
+    ) -> torch.Tensor:
+        """Logits over all categories [..., C] (or each token's best [...] with `best_only`);
+        `layer = -1` is the encoder proposals' head."""
+        return (self.enc_class_head if layer < 0 else self.class_head)(tokens, best_only)
 
     def features(self, images: torch.Tensor, masks: torch.Tensor):
         feats = self.neck(
@@ -119,14 +148,6 @@ class DINO(nn.Module):
             *(dn[:3] if dn is not None else (None, None, None)),
         )
         logits = [self.class_logits(h, i) for i, h in enumerate(out["hs"])]
-        if dn is None and self.training:
-            # every parameter takes part in every step on every rank (ZeRO's collectives), so the
-            # label embedding runs on a dummy input with zero weight when there is nothing to denoise
-            logits[-1] = (
-                logits[-1]
-                + 0.0
-                * self.label_embedding(torch.zeros(1, dtype=torch.long, device=images.device)).sum()
-            )
         pad = dn[3].pad_size if dn is not None else 0
         layers = [
             {"pred_logits": lg[:, pad:], "pred_boxes": bx[:, pad:]}

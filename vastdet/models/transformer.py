@@ -119,7 +119,8 @@ class DecoderLayer(nn.Module):
 class DeformableTransformer(nn.Module):
     """Encoder + mixed query selection + decoder; the heads are passed in by the detector.
 
-    `class_logits(tokens, layer)` gives class logits of decoder-layer `layer`'s outputs
+    `class_logits(tokens, layer, best_only=False)` gives class logits of decoder-layer `layer`'s
+    outputs
     (`layer = -1`: the encoder proposals' head); `bbox_heads` refine boxes per decoder layer.
     """
 
@@ -135,11 +136,9 @@ class DeformableTransformer(nn.Module):
         enc_points: int = 4,
         dec_points: int = 4,
         num_queries: int = 900,
-        selection_chunk: int = 4096,
     ):
         super().__init__()
         self.d_model, self.levels, self.num_queries = d_model, levels, num_queries
-        self.selection_chunk = selection_chunk
         self.encoder = nn.ModuleList(
             EncoderLayer(d_model, d_ffn, heads, levels, enc_points, dropout)
             for _ in range(enc_layers)
@@ -202,16 +201,11 @@ class DeformableTransformer(nn.Module):
         out = memory.masked_fill(mask[..., None] | ~valid, 0.0)
         return self.enc_output_norm(self.enc_output(out)), logits
 
+    @staticmethod
     @torch.no_grad()
-    def best_scores(self, tokens: torch.Tensor, class_logits: Callable) -> torch.Tensor:
-        """Each token's highest class logit [B, S], in chunks of tokens (no [B, S, C] held)."""
-        return torch.cat(
-            [
-                class_logits(chunk, -1).max(-1).values
-                for chunk in tokens.split(self.selection_chunk, dim=1)
-            ],
-            dim=1,
-        )
+    def best_scores(tokens: torch.Tensor, class_logits: Callable) -> torch.Tensor:
+        """Each token's highest class logit [B, S]; the head computes it in chunks, in one call."""
+        return class_logits(tokens, -1, best_only=True)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -254,7 +248,9 @@ class DeformableTransformer(nn.Module):
         picked_anchor = torch.gather(anchor_logits, 1, top[..., None].expand(-1, -1, 4))
         enc_boxes = (enc_bbox_head(picked) + picked_anchor).sigmoid()
         refs = enc_boxes.detach()
-        tgt = self.content_queries.weight[None, :k].expand(memory.shape[0], -1, -1)
+        # the embedding module is called (not its weight read): ZeRO-3 gathers on module calls
+        ids = torch.arange(k, device=memory.device)
+        tgt = self.content_queries(ids)[None].expand(memory.shape[0], -1, -1)
         if dn_queries is not None:
             tgt = torch.cat([dn_queries, tgt], 1)
             refs = torch.cat([dn_refs, refs], 1)
