@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipelines.shards import write_shards
@@ -118,6 +119,21 @@ def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
     for a, b in zip(straight, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a, b)
     assert all(m["skipped_steps"] == 0 for m in resumed)
+    # export: the plain file holds exactly the weights DeepSpeed saved, and loads without it
+    from vastdet.cli import main
+
+    exported = tmp_path / "model.pt"
+    assert main(["export", str(tmp_path / "straight"), "-o", str(exported)]) == 0
+    payload = torch.load(exported, map_location="cpu", weights_only=True)
+    saved = torch.load(
+        tmp_path / "straight" / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=True,
+    )["module"]
+    assert set(payload["model"]) == set(saved)
+    assert all(torch.equal(payload["model"][k], saved[k]) for k in saved)
+    assert main(["plot", str(tmp_path / "straight")]) == 0
+    assert (tmp_path / "straight" / "plots" / "losses.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("stage", [2, 3])

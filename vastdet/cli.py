@@ -10,6 +10,8 @@ from pipelines.annotations import AnnotationError
 from pipelines.cli import add_commands as add_data_commands
 from taxonomy import TaxonomyError
 from taxonomy.cli import add_commands as add_taxonomy_commands
+from vastdet.config import ConfigError
+from vastdet.engine.cli import add_commands as add_engine_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="command", required=True)
     add_taxonomy_commands(groups)
     add_data_commands(groups)
+    add_engine_commands(groups)
     return parser
 
 
@@ -41,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return args.handler(args)
-    except (TaxonomyError, AnnotationError, FileNotFoundError, KeyError, ValueError) as err:
+    except (
+        TaxonomyError,
+        AnnotationError,
+        ConfigError,
+        FileNotFoundError,
+        KeyError,
+        ValueError,
+    ) as err:
         print(f"vastdet: error: {err}", file=sys.stderr)
         return 2
 

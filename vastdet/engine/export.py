@@ -1,0 +1,72 @@
+"""A trained run's newest checkpoint as one plain PyTorch file, loadable without DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from vastdet.engine import checkpoints
+
+EXPORT_FORMAT = "vastdet.model/1"
+
+
+def export_checkpoint(
+    run_dir: str | os.PathLike, output: str | os.PathLike, tag: str | None = None
+) -> Path:
+    """Consolidate a (ZeRO-partitioned) checkpoint into {format, model, category_ids, config}.
+
+    The file holds tensors, numbers and strings only, so it loads with
+    `torch.load(path, weights_only=True)`.
+    """
+    from vastdet.engine.train import _prepare_deepspeed
+
+    _prepare_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = Path(run_dir)
+    ckpt_dir = run / "checkpoints"
+    tags = checkpoints.complete_tags(ckpt_dir)
+    if not tags:
+        raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
+    tag = tag or tags[-1]
+    if any((ckpt_dir / tag).glob("zero_pp_rank_*")):  # ZeRO 1-3: partitions to consolidate
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:  # stage 0: the module's weights are stored whole
+        files = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+        state = torch.load(files, map_location="cpu", weights_only=True)["module"]
+    config = json.loads((run / "config.json").read_text())
+    payload = {
+        "format": EXPORT_FORMAT,
+        "model": state,
+        "category_ids": state["category_ids"].clone(),
+        "config": json.dumps(config),
+        "tag": tag,
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".tmp{os.getpid()}.{output.name}")
+    torch.save(payload, tmp)
+    os.replace(tmp, output)
+    return output
+
+
+def load_exported(path: str | os.PathLike):
+    """(model in eval mode, postprocessor, config dict) from an exported file, no DeepSpeed."""
+    from vastdet.config import from_dict
+    from vastdet.models.build import ModelConfig, build_model
+
+    # weights_only: an exported model is data a user hands us, never code to run
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
+    config = json.loads(payload["config"])
+    model_cfg = from_dict(
+        ModelConfig, {k: v for k, v in config["model"].items()}, str(path), "model"
+    )
+    model_cfg.backbone_weights = None  # the exported weights replace any initial ones
+    model, _, post = build_model(model_cfg, payload["category_ids"].tolist())
+    model.load_state_dict(payload["model"], strict=True)
+    return model.eval(), post, config

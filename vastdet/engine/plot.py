@@ -1,0 +1,48 @@
+"""`vastdet plot RUN_DIR`: PNG charts of a run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CHARTS = {
+    "losses.png": ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_dn", "loss_enc"),
+    "learning_rate.png": ("lr",),
+    "throughput.png": ("images_per_s",),
+    "data_wait.png": ("data_wait_s",),
+}
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """One PNG per chart family, against the step; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run_dir)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    if not records:
+        raise ValueError(f"{run / 'metrics.jsonl'} has no records yet")
+    out = Path(out_dir or run / "plots")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, keys in CHARTS.items():
+        present = [k for k in keys if any(k in r for r in records)]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in present:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
+        ax.set_xlabel("step")
+        ax.set_title(f"{run.name}: {name[:-4].replace('_', ' ')}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(out / name)
+    return written
