@@ -250,6 +250,7 @@ def train(config: TrainConfig | str) -> dict:
                     last = {
                         "step": step,
                         "epoch": epoch,
+                        "world_size": world,
                         **_logged_losses(loss, losses, criterion),
                         "lr": cfg.optim.lr * lr_factor(step - 1, cfg.optim),
                         "images_per_s": images_seen * world / max(elapsed, 1e-9),
