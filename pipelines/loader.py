@@ -194,13 +194,16 @@ class _Stages:
 
     def parse(self, samples):
         for sample in samples:
+            image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+            if image_key is None or "json" not in sample:
+                self.counter.skip(
+                    "incomplete sample", sample, ValueError(f"members: {sorted(sample)}")
+                )
+                continue
             try:
                 meta = json.loads(sample["json"])
-                image_key = next(k for k in IMAGE_EXTENSIONS if k in sample)
-            except Exception as err:  # noqa: BLE001 - any unreadable sample is skipped and counted
-                self.counter.skip(
-                    "bad json" if "json" in sample else "incomplete sample", sample, err
-                )
+            except ValueError as err:
+                self.counter.skip("bad json", sample, err)
                 continue
             yield {
                 "__url__": sample.get("__url__"),

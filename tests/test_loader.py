@@ -206,21 +206,22 @@ def test_corrupt_image_and_bad_json_are_skipped_and_counted(tmp_path):
         _member(tar, "000000000003.json", b"{not json")
         _member(tar, "000000000004.jpg", good.getvalue())
         _member(tar, "000000000004.json", meta(4, []))  # no objects: still a sample
+        _member(tar, "000000000005.json", meta(5, box))  # its image member is missing
     manifest = {
         "format": "vastdet.shards/1",
-        "num_samples": 4,
+        "num_samples": 5,
         "category_images": {"1": 2},
         "category_instances": {"1": 2},
         "num_instances": 2,
-        "shards": [{"name": "bad-000000.tar", "samples": 4, "bytes": 0, "sha256": ""}],
+        "shards": [{"name": "bad-000000.tar", "samples": 5, "bytes": 0, "sha256": ""}],
     }
     (out / MANIFEST).write_text(json.dumps(manifest))
     loader = eval_loader(out, batch_size=2, transforms=no_augmentation(), num_workers=1)
     batches = list(loader)
     ids = [t["image_id"] for b in batches if not b.empty for t in b.targets]
     assert ids == [1, 4]
-    assert loader.skipped() == {"corrupt image": 1, "bad json": 1}
-    assert len(batches) == 2 and batches[-1].empty  # counted from the manifest: ranks stay in step
+    assert loader.skipped() == {"corrupt image": 1, "bad json": 1, "incomplete sample": 1}
+    assert len(batches) == 3 and batches[-1].empty  # counted from the manifest: ranks stay in step
     empty_target = batches[0].targets[1]
     assert empty_target["boxes"].shape == (0, 4)
     training = train_loader(
