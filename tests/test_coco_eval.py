@@ -207,3 +207,26 @@ def test_v3det_rule_ignores_finer_detections_on_a_coarser_ground_truth():
     assert ruled.stats["AP"] == pytest.approx(1.0)
     # with no descendants the rule changes nothing
     assert evaluate_boxes(gt, results, descendants={}).stats == plain.stats
+
+
+def test_base_and_novel_ap_split():
+    from taxonomy import Node, Taxonomy
+    from vastdet.evaluation.coco import novel_split, split_ap
+
+    gt, results = generate(5)
+    ids = sorted(c["id"] for c in gt["categories"])
+    tax = Taxonomy(
+        [Node(f"c{c}", f"c{c}", category_id=c, attributes={"novel": c in ids[:3]}) for c in ids]
+    )
+    groups = novel_split(tax)
+    assert groups == {"novel": set(ids[:3]), "base": set(ids[3:])}
+    evaluation = evaluate_boxes(gt, results)
+    split = split_ap(evaluation, groups)
+    # each subset's AP is the mean of its categories' precision entries, as pycocotools would
+    # give on that subset alone (its precision array restricted to those categories)
+    ref = pycocotools_eval(gt, results).eval["precision"]
+    for name, subset in groups.items():
+        cols = [ids.index(c) for c in subset]
+        values = ref[:, :, cols, 0, -1]
+        assert split[name] == pytest.approx(values[values > -1].mean(), abs=1e-12)
+    assert novel_split(Taxonomy([Node("a", "a", category_id=1)])) == {}

@@ -303,3 +303,23 @@ def _summarize(precision, recall, max_dets) -> dict[str, float]:
         ar("large"),
     ]
     return dict(zip(STAT_NAMES, values))
+
+
+def split_ap(evaluation: BoxEvaluation, groups: dict[str, set[int]]) -> dict[str, float]:
+    """AP (IoU 0.5:0.95, all areas, largest maxDet) over each named subset of category ids,
+    e.g. V3Det's base and novel classes (`novel` in its category file)."""
+    out = {}
+    for name, ids in groups.items():
+        index = [k for k, c in enumerate(evaluation.category_ids) if c in ids]
+        values = evaluation.precision[:, :, index, 0, -1]
+        values = values[values > -1]
+        out[name] = float(values.mean()) if values.size else -1.0
+    return out
+
+
+def novel_split(taxonomy) -> dict[str, set[int]]:
+    """{"base": ..., "novel": ...} category ids from the `novel` attribute of a category file
+    (V3Det's `cat_info` marks 6,495 novel classes); empty when no category is marked."""
+    cats = taxonomy.category_ids().tolist()
+    novel = {c for c in cats if taxonomy.node(taxonomy.node_of_category(c)).attributes.get("novel")}
+    return {"base": set(cats) - novel, "novel": novel} if novel else {}
