@@ -12,7 +12,6 @@ per-category instance and image counts, the source and the category file written
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.annotations import CheckReport, ImageRecord, image_kind
+from taxonomy.files import atomic_output, file_sha256
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vastdet.shards/1"
@@ -59,8 +59,7 @@ def write_shard(
     path: Path, records: Sequence[ImageRecord], read_image: Callable[[ImageRecord], bytes]
 ) -> dict:
     """Write one shard (atomically); returns its manifest entry."""
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_output(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for record in records:
             data = read_image(record)
             kind = image_kind(data[:8])
@@ -71,16 +70,11 @@ def write_shard(
             key = sample_key(record.image_id)
             _add_member(tar, f"{key}.{kind}", data)
             _add_member(tar, f"{key}.json", json.dumps(record.sample_json()).encode())
-    digest = hashlib.sha256()
-    with open(tmp, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    os.replace(tmp, path)
     return {
         "name": path.name,
         "samples": len(records),
         "bytes": path.stat().st_size,
-        "sha256": digest.hexdigest(),
+        "sha256": file_sha256(path),
     }
 
 
@@ -161,22 +155,17 @@ def write_shards(
         "category_instances": {str(k): v for k, v in instances.items()},
         "category_images": {str(k): v for k, v in images.items()},
         "categories_file": os.fspath(categories_file) if categories_file else None,
-        "categories_file_sha256": _file_sha256(categories_file) if categories_file else None,
+        "categories_file_sha256": file_sha256(categories_file) if categories_file else None,
         "skipped": check_report.counts() if check_report else {},
     }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    with atomic_output(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
 def _write_job(job) -> dict:
     path, records, read_image = job
     return write_shard(path, records, read_image)
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -220,5 +209,5 @@ class ShardSet:
         return [
             s["name"]
             for s in self.manifest["shards"]
-            if _file_sha256(self.root / s["name"]) != s["sha256"]
+            if file_sha256(self.root / s["name"]) != s["sha256"]
         ]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from taxonomy.files import atomic_output, file_sha256
 from taxonomy.tree import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,9 @@ class CategoryEmbeddings:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary name, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
         payload = {"format": FILE_FORMAT, **asdict(self), "metadata": json.dumps(self.metadata)}
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            torch.save(payload, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CategoryEmbeddings:
@@ -104,14 +102,6 @@ def register_tiny_model() -> str:
     return TINY_MODEL
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def category_texts(
     taxonomy: Taxonomy, use_synonyms: bool
 ) -> tuple[list[int], list[str], list[list[str]]]:
@@ -131,7 +121,7 @@ def cache_key(spec: EmbeddingSpec, ids: list[int], texts: list[list[str]]) -> di
     return {
         "model": spec.model,
         "checkpoint": os.fspath(spec.checkpoint) if spec.checkpoint else None,
-        "checkpoint_sha256": file_digest(spec.checkpoint) if spec.checkpoint else None,
+        "checkpoint_sha256": file_sha256(spec.checkpoint) if spec.checkpoint else None,
         "templates": list(spec.templates),
         "use_synonyms": spec.use_synonyms,
         "categories_sha256": content,

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import IO
 
+from taxonomy.files import atomic_output
+
 CATEGORY_NODE_PREFIX = "category:"
 SUPERCATEGORY_NODE_PREFIX = "supercategory:"
 
@@ -22,16 +24,8 @@ def open_text(path: str | os.PathLike, mode: str = "r") -> IO[str]:
 
 def atomic_write_text(path: str | os.PathLike, write) -> None:
     """Call `write(handle)` on a temporary file next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # keeps the suffix: .gz stays gzip
-    try:
-        with open_text(tmp, "w") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(path) as tmp, open_text(tmp, "w") as handle:
+        write(handle)
 
 
 def base_suffix(path: str | os.PathLike) -> str:

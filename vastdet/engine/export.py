@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from taxonomy.files import atomic_output
 from vastdet.engine import checkpoints
 
 EXPORT_FORMAT = "vastdet.model/1"
@@ -45,12 +46,9 @@ def export_checkpoint(
         "config": json.dumps(config),
         "tag": tag,
     }
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".tmp{os.getpid()}.{output.name}")
-    torch.save(payload, tmp)
-    os.replace(tmp, output)
-    return output
+    with atomic_output(output) as tmp:
+        torch.save(payload, tmp)
+    return Path(output)
 
 
 def load_exported(path: str | os.PathLike):
@@ -63,9 +61,7 @@ def load_exported(path: str | os.PathLike):
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
     config = json.loads(payload["config"])
-    model_cfg = from_dict(
-        ModelConfig, {k: v for k, v in config["model"].items()}, str(path), "model"
-    )
+    model_cfg = from_dict(ModelConfig, config["model"], str(path), "model")
     model_cfg.backbone_weights = None  # the exported weights replace any initial ones
     model, _, post = build_model(model_cfg, payload["category_ids"].tolist())
     model.load_state_dict(payload["model"], strict=True)

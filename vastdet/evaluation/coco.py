@@ -57,17 +57,20 @@ class BoxEvaluation:
 
     def dense_precision(self, all_category_ids: list[int]) -> np.ndarray:
         """precision over `all_category_ids` (pycocotools' layout), -1 for absent ones."""
-        t, r, _, a, m = self.precision.shape
-        dense = -np.ones((t, r, len(all_category_ids), a, m))
-        index = {c: k for k, c in enumerate(all_category_ids)}
-        dense[:, :, [index[c] for c in self.category_ids]] = self.precision
-        return dense
+        return self._dense(self.precision, 2, all_category_ids)
 
     def dense_recall(self, all_category_ids: list[int]) -> np.ndarray:
-        t, _, a, m = self.recall.shape
-        dense = -np.ones((t, len(all_category_ids), a, m))
+        """recall over `all_category_ids` (pycocotools' layout), -1 for absent ones."""
+        return self._dense(self.recall, 1, all_category_ids)
+
+    def _dense(self, values: np.ndarray, axis: int, all_category_ids: list[int]) -> np.ndarray:
+        shape = list(values.shape)
+        shape[axis] = len(all_category_ids)
+        dense = -np.ones(shape)
         index = {c: k for k, c in enumerate(all_category_ids)}
-        dense[:, [index[c] for c in self.category_ids]] = self.recall
+        np.moveaxis(dense, axis, 0)[[index[c] for c in self.category_ids]] = np.moveaxis(
+            values, axis, 0
+        )
         return dense
 
 
