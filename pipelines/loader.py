@@ -179,8 +179,9 @@ def _unpack(batch: Batch) -> Batch:
 class _Stages:
     """The per-sample steps, as one object so that worker processes share the skip counter."""
 
-    def __init__(self, transforms: Callable, seed: int, rank: int):
+    def __init__(self, transforms: Callable, seed: int, rank: int, keep_annotations: bool = False):
         self.transforms = transforms
+        self.keep_annotations = keep_annotations
         self.seed, self.rank = seed, rank
         self.counter = SkipCounter()
         self._rng: random.Random | None = None
@@ -229,6 +230,8 @@ class _Stages:
             try:
                 image = decode_image_bytes(sample["image"])
                 target = target_from_meta(sample["meta"])
+                if self.keep_annotations:  # evaluation scores against the file's own boxes
+                    target["annotations"] = sample["meta"]["annotations"]
             except Exception as err:  # noqa: BLE001
                 self.counter.skip("corrupt image", sample, err)
                 continue
@@ -372,7 +375,10 @@ def eval_loader(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> _Loader:
-    """Every image exactly once across ranks; the same number of batches on every rank."""
+    """Every image exactly once across ranks; the same number of batches on every rank.
+
+    Each target also holds the sample's `annotations` as written (COCO dicts, boxes in original
+    pixels), so evaluation scores against them rather than against transformed boxes."""
     shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
     env_rank, env_world = rank_and_world()
     rank = env_rank if rank is None else rank
@@ -381,7 +387,7 @@ def eval_loader(
     workers = min(num_workers, max(len(d) for d in dealt)) if dealt[rank] else 0
     counts = [eval_batch_count(shards.samples_per_shard, d, batch_size, workers) for d in dealt]
     urls = [shards.urls[i] for i in dealt[rank]]
-    stages = _Stages(transforms, 0, rank)
+    stages = _Stages(transforms, 0, rank, keep_annotations=True)
     if not urls:
         return _Loader([], 0, pad_to=max(counts))
     pipeline = wds.DataPipeline(

@@ -61,6 +61,21 @@ def summary(shards: ShardSet, names: Mapping[int, str] | None = None, top: int =
     return lines
 
 
+def draw_boxes(
+    image: Image.Image,
+    boxes_xywh: list[list[float]],
+    texts: list[str],
+    color: tuple[int, int, int] = (255, 255, 0),
+) -> Image.Image:
+    """`image` with each box outlined and labelled with its text (drawn in place)."""
+    draw = ImageDraw.Draw(image)
+    for (x, y, w, h), text in zip(boxes_xywh, texts):
+        draw.rectangle([x, y, x + w, y + h], outline=color, width=2)
+        draw.rectangle([x, y, x + 6 * len(text) + 4, y + 11], fill=(0, 0, 0))
+        draw.text((x + 2, y), text, fill=color)
+    return image
+
+
 def draw_samples(
     shards: ShardSet,
     out: str | Path,
@@ -76,15 +91,10 @@ def draw_samples(
         tile = image.resize(
             (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         )
-        draw = ImageDraw.Draw(tile)
-        for ann in meta["annotations"]:
-            x, y, w, h = (v * scale for v in ann["bbox"])
-            draw.rectangle([x, y, x + w, y + h], outline=(255, 255, 0), width=2)
-            cat = ann["category_id"]
-            text = names.get(cat, str(cat)) if names else str(cat)
-            draw.rectangle([x, y, x + 6 * len(text) + 4, y + 11], fill=(0, 0, 0))
-            draw.text((x + 2, y), text, fill=(255, 255, 0))
-        tiles.append(tile)
+        boxes = [[v * scale for v in ann["bbox"]] for ann in meta["annotations"]]
+        cats = [ann["category_id"] for ann in meta["annotations"]]
+        texts = [names.get(c, str(c)) if names else str(c) for c in cats]
+        tiles.append(draw_boxes(tile, boxes, texts))
     if not tiles:
         raise ValueError(f"no samples to draw in {shards.root}")
     rows = (len(tiles) + columns - 1) // columns

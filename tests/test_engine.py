@@ -31,25 +31,31 @@ def dataset(tmp_path_factory):
     )
     save_taxonomy(tax, root / "tax.json")
     cfg = SynthConfig(
-        num_train=24, num_val=0, min_side=64, max_side=96, min_objects=0, max_objects=2, seed=3
+        num_train=24, num_val=5, min_side=64, max_side=96, min_objects=0, max_objects=2, seed=3
     )
-    write_shards(
-        make_records(tax, cfg)["train"],
-        SyntheticRenderer(tax, cfg),
-        root / "shards",
-        max_samples=8,
-        workers=1,
-        categories_file=root / "tax.json",
-        progress=False,
-    )
+    records = make_records(tax, cfg)
+    renderer = SyntheticRenderer(tax, cfg)
+    for split, per_shard in (("train", 8), ("val", 4)):  # val: uneven shards of 4 and 1
+        write_shards(
+            records[split],
+            renderer,
+            root / split,
+            max_samples=per_shard,
+            workers=1,
+            categories_file=root / "tax.json",
+            progress=False,
+        )
+    (root / "images").mkdir()
+    for record in records["val"]:
+        (root / "images" / f"{record.image_id}.png").write_bytes(renderer(record))
     return root
 
 
-def config(dataset: Path, out: Path, **overrides) -> Path:
+def config(dataset: Path, out: Path, evaluate: bool = False, **overrides) -> Path:
     cfg = {
         "model": "dino_tiny",
         "data": {
-            "train_shards": str(dataset / "shards"),
+            "train_shards": str(dataset / "train"),
             "batch_size": 1,
             "num_workers": 1,
             "shuffle_buffer": 8,
@@ -63,6 +69,9 @@ def config(dataset: Path, out: Path, **overrides) -> Path:
         "zero_stage": 0,
         "output_dir": str(out),
     }
+    if evaluate:  # the val shards at the end of the run
+        cfg["data"]["val_shards"] = str(dataset / "val")
+        cfg["eval"] = {"batch_size": 1, "num_workers": 1}
     cfg.update(overrides)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
@@ -107,7 +116,7 @@ def run(config_path: Path, world: int = 1) -> list[dict]:
 
 
 def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
-    straight = run(config(dataset, tmp_path / "straight"))
+    straight = run(config(dataset, tmp_path / "straight", evaluate=True))
     assert [m["step"] for m in straight] == list(range(1, 9))
     stopped = config(dataset, tmp_path / "stopped", steps=4)
     first = run(stopped)
@@ -134,12 +143,92 @@ def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
     assert all(torch.equal(payload["model"][k], saved[k]) for k in saved)
     assert main(["plot", str(tmp_path / "straight")]) == 0
     assert (tmp_path / "straight" / "plots" / "losses.png").stat().st_size > 1000
+    check_eval_and_predict(dataset, tmp_path, tmp_path / "straight", exported)
+
+
+def eval_command(model: Path, val: Path, out: Path, world: int) -> dict:
+    """`vastdet eval` as `world` processes; rank 0's metrics.json."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [sys.executable, "-m", "vastdet.cli", "eval", str(model), "--shards", str(val)]
+    args += ["-o", str(out), "--batch-size", "1", "--workers", "1"]
+    procs = [
+        subprocess.Popen(
+            args,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+    assert "AP50" in output or world > 1
+    return json.loads((out / "metrics.json").read_text())
+
+
+def check_eval_and_predict(dataset: Path, tmp_path: Path, run_dir: Path, exported: Path) -> None:
+    """The engine's end-of-run evaluation, `vastdet eval` of the exported file on one and on two
+    processes (uneven val shards) and of the run folder all agree; `vastdet predict` on the val
+    images as files gives the detections evaluation scored."""
+    from vastdet.cli import main
+
+    in_training = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert in_training["images"] == 5 and in_training["detections"] == 5 * 100
+    assert 0 <= in_training["AP"] <= 1
+    for model, world in ((exported, 1), (exported, 2), (run_dir, 1)):
+        got = eval_command(model, dataset / "val", tmp_path / f"eval{world}{model.name}", world)
+        assert got.keys() == in_training.keys()
+        for k, v in in_training.items():
+            assert got[k] == pytest.approx(v, abs=1e-6), (model, world, k)
+    scored = json.loads((run_dir / "eval" / "results.json").read_text())
+    images = sorted((dataset / "images").glob("*.png"))
+    results = tmp_path / "predicted.json"
+    draw = tmp_path / "drawn"
+    args = ["predict", *map(str, images), "--checkpoint", str(exported), "-o", str(results)]
+    # one image per batch, as evaluated: padding to a batch's largest image changes the features
+    assert main([*args, "--draw", str(draw), "--threshold", "0", "--batch-size", "1"]) == 0
+    predicted = json.loads(results.read_text())
+    assert len(list(draw.glob("*.png"))) == len(images)
+    for position, path in enumerate(images):
+        mine = [r for r in predicted if r["image_id"] == position]
+        theirs = [r for r in scored if r["image_id"] == int(path.stem)]
+        assert len(mine) == 50 and len(theirs) == 100  # the model's 50; COCO's protocol 100
+        for a, b in zip(mine, theirs[:50]):
+            assert a["category_id"] == b["category_id"]
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+            assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "broken.png"),
+                "--checkpoint",
+                str(exported),
+                "-o",
+                str(results),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_train_under_zero(dataset, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
-    metrics = run(config(dataset, out, zero_stage=stage, steps=10, checkpoint_every=10), world=2)
+    metrics = run(
+        config(dataset, out, evaluate=True, zero_stage=stage, steps=10, checkpoint_every=10),
+        world=2,
+    )
     losses = [m["loss"] for m in metrics]
     assert len(losses) == 10 and all(l == l for l in losses)  # noqa: E741 - finite, no NaN
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
@@ -147,3 +236,6 @@ def test_two_ranks_train_under_zero(dataset, tmp_path, stage):
     assert any("zero_pp_rank_1" in name for name in shards), (
         shards
     )  # both ranks hold a ZeRO partition
+    # evaluation through the partitioned engine: 4 images on one rank, 1 and 3 fillers on the other
+    evaluation = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluation["images"] == 5 and evaluation["detections"] == 5 * 100

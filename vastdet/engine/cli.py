@@ -1,4 +1,4 @@
-"""`vastdet train`, `vastdet export`, `vastdet plot`."""
+"""`vastdet train`, `vastdet export`, `vastdet plot`, `vastdet eval`, `vastdet predict`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,28 @@ def add_commands(subparsers) -> None:
         "-o", "--output", type=Path, help="folder for the PNGs (default RUN_DIR/plots)"
     )
     plot.set_defaults(handler=_plot)
+    evaluate = subparsers.add_parser(
+        "eval", help="evaluate a trained model on val shards (any launcher; rank 0 scores)"
+    )
+    evaluate.add_argument("model", type=Path, help="an exported model file or a run folder")
+    evaluate.add_argument("--shards", required=True, help="val shard folder or manifest")
+    evaluate.add_argument("-o", "--output", type=Path, required=True, help="folder for the results")
+    evaluate.add_argument("--protocol", choices=("coco", "v3det"), default="coco")
+    evaluate.add_argument("--categories", help="category/taxonomy file (default: the run's)")
+    evaluate.add_argument("--batch-size", type=int, default=2)
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.set_defaults(handler=_eval)
+    predict = subparsers.add_parser("predict", help="detect objects in image files")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument(
+        "--checkpoint", type=Path, required=True, help="exported file or run folder"
+    )
+    predict.add_argument("-o", "--output", type=Path, required=True, help="results JSON")
+    predict.add_argument("--draw", type=Path, help="folder for PNGs with the detections drawn")
+    predict.add_argument("--threshold", type=float, default=0.3, help="drawing score threshold")
+    predict.add_argument("--categories", help="category file for names (default: the run's)")
+    predict.add_argument("--batch-size", type=int, default=2)
+    predict.set_defaults(handler=_predict)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -47,4 +69,33 @@ def _plot(args: argparse.Namespace) -> int:
 
     for path in plot_run(args.run_dir, args.output):
         print(path)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vastdet.evaluation.runner import EvalConfig, format_metrics, run_eval
+
+    cfg = EvalConfig(args.protocol, args.batch_size, args.workers)
+    metrics = run_eval(args.model, args.shards, args.output, cfg, args.categories)
+    if metrics is not None:
+        print(format_metrics(metrics))
+        print(f"results in {args.output}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vastdet.evaluation.predict import predict_images
+
+    results = predict_images(
+        args.checkpoint,
+        args.images,
+        args.output,
+        args.draw,
+        args.batch_size,
+        args.threshold,
+        args.categories,
+    )
+    print(f"{len(results)} detections in {len(args.images)} images written to {args.output}")
+    if args.draw:
+        print(f"drawings in {args.draw}")
     return 0

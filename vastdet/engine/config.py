@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipelines.transforms import TransformConfig
 from vastdet.config import load_config
+from vastdet.evaluation.runner import EvalConfig
 from vastdet.models.build import ModelConfig
 
 
@@ -63,6 +64,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    eval: EvalConfig = field(default_factory=EvalConfig)  # run at the end when data.val_shards
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):

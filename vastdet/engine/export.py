@@ -14,14 +14,11 @@ from vastdet.engine import checkpoints
 EXPORT_FORMAT = "vastdet.model/1"
 
 
-def export_checkpoint(
-    run_dir: str | os.PathLike, output: str | os.PathLike, tag: str | None = None
-) -> Path:
-    """Consolidate a (ZeRO-partitioned) checkpoint into {format, model, category_ids, config}.
-
-    The file holds tensors, numbers and strings only, so it loads with
-    `torch.load(path, weights_only=True)`.
-    """
+def consolidated_state(
+    run_dir: str | os.PathLike, tag: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(fp32 state dict, run config, tag) of a run's checkpoint (default: the newest complete
+    one), gathered from ZeRO partitions when there are any. Needs DeepSpeed, not a process group."""
     from vastdet.engine.train import _prepare_deepspeed
 
     _prepare_deepspeed()
@@ -38,7 +35,18 @@ def export_checkpoint(
     else:  # stage 0: the module's weights are stored whole
         files = ckpt_dir / tag / "mp_rank_00_model_states.pt"
         state = torch.load(files, map_location="cpu", weights_only=True)["module"]
-    config = json.loads((run / "config.json").read_text())
+    return state, json.loads((run / "config.json").read_text()), tag
+
+
+def export_checkpoint(
+    run_dir: str | os.PathLike, output: str | os.PathLike, tag: str | None = None
+) -> Path:
+    """Consolidate a (ZeRO-partitioned) checkpoint into {format, model, category_ids, config}.
+
+    The file holds tensors, numbers and strings only, so it loads with
+    `torch.load(path, weights_only=True)`.
+    """
+    state, config, tag = consolidated_state(run_dir, tag)
     payload = {
         "format": EXPORT_FORMAT,
         "model": state,
@@ -51,18 +59,30 @@ def export_checkpoint(
     return Path(output)
 
 
-def load_exported(path: str | os.PathLike):
-    """(model in eval mode, postprocessor, config dict) from an exported file, no DeepSpeed."""
+def _model_from_state(state: dict, config: dict, source: str):
     from vastdet.config import from_dict
     from vastdet.models.build import ModelConfig, build_model
 
+    model_cfg = from_dict(ModelConfig, config["model"], source, "model")
+    model_cfg.backbone_weights = None  # the trained weights replace any initial ones
+    model, _, post = build_model(model_cfg, state["category_ids"].tolist())
+    model.load_state_dict(state, strict=True)
+    return model.eval(), post, config
+
+
+def load_model(path: str | os.PathLike):
+    """(model in eval mode, postprocessor, run config) from an exported file or a run folder
+    (its newest complete checkpoint, consolidated in memory)."""
+    if Path(path).is_dir():
+        state, config, _ = consolidated_state(path)
+        return _model_from_state(state, config, str(path))
+    return load_exported(path)
+
+
+def load_exported(path: str | os.PathLike):
+    """(model in eval mode, postprocessor, config dict) from an exported file, no DeepSpeed."""
     # weights_only: an exported model is data a user hands us, never code to run
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
-    config = json.loads(payload["config"])
-    model_cfg = from_dict(ModelConfig, config["model"], str(path), "model")
-    model_cfg.backbone_weights = None  # the exported weights replace any initial ones
-    model, _, post = build_model(model_cfg, payload["category_ids"].tolist())
-    model.load_state_dict(payload["model"], strict=True)
-    return model.eval(), post, config
+    return _model_from_state(payload["model"], json.loads(payload["config"]), str(path))

@@ -172,7 +172,7 @@ def train(config: TrainConfig | str) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     shards = ShardSet.open(cfg.data.train_shards)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, criterion, _ = build_model(cfg.model, _category_ids(cfg, shards))
+    model, criterion, post = build_model(cfg.model, _category_ids(cfg, shards))
     groups = parameter_groups(model, cfg.optim)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -279,13 +279,46 @@ def train(config: TrainConfig | str) -> dict:
     bar.close()
     if metrics:
         metrics.close()
+    evaluation = _evaluate(engine, post, cfg, rank) if cfg.data.val_shards else None
     return {
         "step": step,
         "last": last,
         "skipped_steps": skipped_steps,
         "rank": rank,
         "world_size": world,
+        "eval": evaluation,
     }
+
+
+def _evaluate(engine, post, cfg: TrainConfig, rank: int) -> dict | None:
+    """The val shards through the engine itself (under ZeRO-3 each forward is collective);
+    rank 0 writes `eval/metrics.json` and `eval/results.json` and returns the metrics."""
+    from pipelines.shards import ShardSet
+    from pipelines.transforms import build_transforms
+    from vastdet.evaluation.runner import evaluate_model, find_taxonomy, format_metrics, write_json
+
+    post.max_detections = max(post.max_detections, cfg.eval.max_dets[-1])
+    shards = ShardSet.open(cfg.data.val_shards)
+    taxonomy = find_taxonomy(cfg.data.categories, shards.manifest.get("categories_file"))
+    engine.eval()
+    out = evaluate_model(
+        engine,
+        post,
+        engine.module.category_ids.tolist(),
+        shards,
+        build_transforms(cfg.data.transforms, train=False),
+        cfg.eval,
+        engine.device,
+        taxonomy,
+    )
+    engine.train()
+    if rank != 0 or out is None:
+        return None
+    metrics, results = out
+    write_json(Path(cfg.output_dir) / "eval" / "metrics.json", metrics)
+    write_json(Path(cfg.output_dir) / "eval" / "results.json", results)
+    log.info("evaluation at step %d:\n%s", cfg.steps, format_metrics(metrics))
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,231 @@
+"""Distributed evaluation: inference over the val shards on every rank, gathered and scored on
+rank 0 with the COCO or the V3Det protocol.
+
+The same pass serves a plain model (`vastdet eval`, any number of processes, each holding the
+whole model) and a DeepSpeed engine at the end of training (ZeRO-3 partitions the weights, so
+every forward is collective): every rank runs the same number of batches, filler batches
+included, and only real images are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vastdet.evaluation.coco import (
+    STAT_NAMES,
+    category_descendants,
+    evaluate_boxes,
+    novel_split,
+    split_ap,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {"coco": (1, 10, 100), "v3det": (1, 10, 300)}  # maxDets per protocol
+
+
+@dataclass
+class EvalConfig:
+    """`coco`: 100 detections per image. `v3det`: 300, and a ground truth also counts, ignored,
+    for each descendant category detected in its image (needs a category hierarchy)."""
+
+    protocol: str = "coco"
+    batch_size: int = 2
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {self.protocol!r}")
+
+    @property
+    def max_dets(self) -> tuple[int, ...]:
+        return PROTOCOLS[self.protocol]
+
+
+@torch.no_grad()
+def predict_pass(
+    forward: Callable, loader, post, device: torch.device | str = "cpu"
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """This rank's (detections, images, ground-truth annotations) over an evaluation loader.
+
+    Filler batches (`batch.empty`) are run through `forward` too, so that collective forwards
+    stay in step across ranks, and their outputs are dropped."""
+    results, images, annotations = [], [], []
+    for batch in loader:
+        outputs = forward(batch.images.to(device), batch.masks.to(device))
+        if batch.empty:
+            continue
+        sizes = torch.stack([t["orig_size"] for t in batch.targets])
+        ids = [int(t["image_id"]) for t in batch.targets]
+        results.extend(post.coco_results(outputs, sizes, ids))
+        for image_id, target in zip(ids, batch.targets):
+            height, width = (int(v) for v in target["orig_size"])
+            images.append({"id": image_id, "height": height, "width": width})
+            annotations.extend({**a, "image_id": image_id} for a in target["annotations"])
+    return results, images, annotations
+
+
+def gather_to_rank0(items: list) -> list | None:
+    """Every rank's list concatenated in rank order on rank 0; None on the others."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return items
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    parts = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(items, parts, dst=0)
+    return [x for part in parts for x in part] if rank == 0 else None
+
+
+def ground_truth(images: list[dict], annotations: list[dict], category_ids: Sequence[int]) -> dict:
+    """A COCO ground-truth document; annotation ids are renumbered from 1 (pycocotools never
+    counts a ground truth with id 0 as matched)."""
+    seen: set[int] = set()
+    for img in images:
+        if img["id"] in seen:
+            raise ValueError(f"image {img['id']} was evaluated twice: check the val shards")
+        seen.add(img["id"])
+    known = set(int(c) for c in category_ids)
+    unknown = sorted({a["category_id"] for a in annotations} - known)
+    if unknown:
+        raise ValueError(
+            f"ground-truth category ids {unknown[:10]} are not in the model's vocabulary "
+            f"({len(known)} categories): evaluate with the category file the model was trained on"
+        )
+    anns = [
+        {
+            **a,
+            "id": k + 1,
+            "iscrowd": int(a.get("iscrowd", 0)),
+            "area": float(a.get("area", a["bbox"][2] * a["bbox"][3])),
+        }
+        for k, a in enumerate(annotations)
+    ]
+    return {
+        "images": sorted(images, key=lambda i: i["id"]),
+        "annotations": anns,
+        "categories": [{"id": int(c)} for c in sorted(known)],
+    }
+
+
+def score(
+    results: list[dict],
+    images: list[dict],
+    annotations: list[dict],
+    category_ids: Sequence[int],
+    protocol: str = "coco",
+    taxonomy=None,
+) -> dict[str, float]:
+    """The 12 COCO numbers (AP at the protocol's largest maxDet), plus base/novel AP when the
+    taxonomy marks novel categories."""
+    if protocol == "v3det" and taxonomy is None:
+        raise ValueError("the v3det protocol needs the category hierarchy (a taxonomy file)")
+    gt = ground_truth(images, annotations, category_ids)
+    descendants = category_descendants(taxonomy) if protocol == "v3det" else None
+    evaluation = evaluate_boxes(gt, results, PROTOCOLS[protocol], descendants)
+    metrics = dict(evaluation.stats)
+    groups = novel_split(taxonomy) if taxonomy is not None else {}
+    metrics.update({f"AP_{name}": v for name, v in split_ap(evaluation, groups).items()})
+    metrics.update(images=len(gt["images"]), detections=len(results))
+    return metrics
+
+
+def evaluate_model(
+    forward: Callable,
+    post,
+    category_ids: Sequence[int],
+    val_shards,
+    transforms: Callable,
+    cfg: EvalConfig,
+    device: torch.device | str = "cpu",
+    taxonomy=None,
+) -> tuple[dict[str, float], list[dict]] | None:
+    """(metrics, detections) on rank 0, None elsewhere. Every rank must call this."""
+    from pipelines.loader import eval_loader
+
+    loader = eval_loader(val_shards, cfg.batch_size, transforms, cfg.num_workers)
+    results, images, annotations = predict_pass(forward, loader, post, device)
+    if loader.skipped():
+        log.warning("evaluation skipped samples: %s", loader.skipped())
+    results = gather_to_rank0(results)
+    images = gather_to_rank0(images)
+    annotations = gather_to_rank0(annotations)
+    if results is None:
+        return None
+    metrics = score(results, images, annotations, category_ids, cfg.protocol, taxonomy)
+    return metrics, results
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One line per number, COCO's names."""
+    names = [n for n in STAT_NAMES if n in metrics] + sorted(
+        k for k in metrics if k not in STAT_NAMES
+    )
+    return "\n".join(f"{n:<12} {metrics[n]:.4f}" for n in names)
+
+
+def run_eval(
+    model_path: str | os.PathLike,
+    val_shards: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: EvalConfig,
+    categories: str | os.PathLike | None = None,
+) -> dict[str, float] | None:
+    """`vastdet eval`: a trained model (exported file or run folder) over the val shards.
+
+    Runs as one process or under any launcher (every rank holds the whole model and reads its
+    share of the shards); rank 0 writes `metrics.json` and `results.json` to `output_dir`."""
+    from pipelines.shards import ShardSet
+    from pipelines.transforms import TransformConfig, build_transforms
+    from vastdet.config import from_dict
+    from vastdet.engine.export import load_model
+    from vastdet.engine.train import _prepare_deepspeed, init_distributed
+
+    if categories is not None and not Path(categories).is_file():
+        raise FileNotFoundError(f"no category file {categories}")
+    rank, _ = init_distributed(_prepare_deepspeed())
+    model, post, config = load_model(model_path)
+    post.max_detections = max(post.max_detections, cfg.max_dets[-1])
+    transforms = build_transforms(
+        from_dict(
+            TransformConfig, config["data"]["transforms"], str(model_path), "data.transforms"
+        ),
+        train=False,
+    )
+    shards = ShardSet.open(val_shards)
+    taxonomy = find_taxonomy(
+        categories, config["data"].get("categories"), shards.manifest.get("categories_file")
+    )
+    device = next(model.parameters()).device
+    out = evaluate_model(
+        model, post, model.category_ids.tolist(), shards, transforms, cfg, device, taxonomy
+    )
+    if rank != 0 or out is None:
+        return None
+    metrics, results = out
+    write_json(Path(output_dir) / "metrics.json", metrics)
+    write_json(Path(output_dir) / "results.json", results)
+    return metrics
+
+
+def find_taxonomy(*candidates: str | os.PathLike | None):
+    """The taxonomy in the first candidate file that exists (the hierarchy and novel flags
+    evaluation uses), or None."""
+    from taxonomy import load_taxonomy
+
+    for path in candidates:
+        if path and Path(path).is_file():
+            return load_taxonomy(path)
+    return None
+
+
+def write_json(path: Path, data) -> None:
+    from taxonomy.files import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data))
