@@ -33,6 +33,13 @@ def add_commands(subparsers) -> None:
     )
     source.add_argument("--synset-file", type=Path, help="a file with one ITEM per line")
     source.add_argument(
+        "--under",
+        nargs="+",
+        metavar="ITEM",
+        help="whole subtrees: the items and every hyponym below them are categories "
+        "(mammal.n.01: 1,170)",
+    )
+    source.add_argument(
         "--link",
         type=Path,
         metavar="CATEGORIES",
@@ -139,6 +146,10 @@ def _build(args: argparse.Namespace) -> int:
         items = args.synsets
         if args.synset_file:
             items = args.synset_file.read_text(encoding="utf-8").splitlines()
+        if args.under:
+            from taxonomy.wordnet import hyponym_closure
+
+            items = hyponym_closure(args.under)
         mode = "all" if items is None and args.categories == "given" else args.categories
         tax = build_wordnet_taxonomy(items, categories=mode)
     save_taxonomy(tax, args.output, args.format)

@@ -99,6 +99,24 @@ def hypernym_closure(synsets: Iterable) -> list:
     return sorted(seen.values(), key=lambda s: s.offset())
 
 
+def hyponym_closure(items: Iterable[str]) -> list[str]:
+    """Synset names of the given items and everything below them (hyponyms and instance
+    hyponyms), the items first, then by offset: a whole WordNet subtree as a category list."""
+    res = resolve_synsets(items)
+    if res.unresolved:
+        raise ValueError(f"not WordNet nouns: {sorted(res.unresolved)}")
+    below: dict[str, object] = {}
+    stack = [h for s in res.synsets for h in s.hyponyms() + s.instance_hyponyms()]
+    while stack:
+        s = stack.pop()
+        if s.name() not in below:
+            below[s.name()] = s
+            stack.extend(s.hyponyms() + s.instance_hyponyms())
+    roots = [s.name() for s in res.synsets]
+    rest = sorted((s for n, s in below.items() if n not in roots), key=lambda s: s.offset())
+    return roots + [s.name() for s in rest]
+
+
 def taxonomy_from_synsets(
     synsets: Sequence,
     category_ids: dict[str, int] | None = None,
@@ -153,7 +171,7 @@ def build_wordnet_taxonomy(
             shown = "; ".join(f"{k!r}: {v}" for k, v in list(res.unresolved.items())[:20])
             raise ValueError(f"{len(res.unresolved)} items are not WordNet nouns: {shown}")
         for item, how in res.how.items():
-            log.info("%s -> %s", item, how)
+            log.debug("%s -> %s", item, how)
         requested = list({s.name(): s for s in res.synsets}.values())
         synsets = hypernym_closure(requested)
         meta = {"built_from": f"hypernym closure of {len(requested)} synsets"}

@@ -6,7 +6,7 @@ import pytest
 
 from taxonomy import Node, Taxonomy
 from taxonomy.link import link_to_wordnet
-from taxonomy.wordnet import build_wordnet_taxonomy, resolve_synsets
+from taxonomy.wordnet import build_wordnet_taxonomy, hyponym_closure, resolve_synsets
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,16 @@ def test_closure_categories_modes():
     assert every.num_categories == len(every) and every.category_names()[1] == "dog"
     none = build_wordnet_taxonomy(["dog.n.01"], categories="none")
     assert none.num_categories == 0
+
+
+def test_a_subtree_under_a_synset_is_every_category_below_it():
+    items = hyponym_closure(["dog.n.01"])
+    assert items[0] == "dog.n.01" and "poodle.n.01" in items and len(set(items)) == len(items)
+    tax = build_wordnet_taxonomy(items)
+    dog = tax.node_of_category(1)
+    assert tax.num_categories == len(items) == 1 + len(tax.descendants(dog))
+    with pytest.raises(ValueError, match="not WordNet nouns"):
+        hyponym_closure(["no_such_thing.n.01"])
 
 
 def test_resolution_reports_how_words_were_read():
