@@ -86,3 +86,28 @@ def load_exported(path: str | os.PathLike):
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
     return _model_from_state(payload["model"], json.loads(payload["config"]), str(path))
+
+
+def load_weights_from(model: torch.nn.Module, source: str | os.PathLike) -> int:
+    """Copy every tensor of another model's weights (an exported file or a run folder) into
+    `model`: CQ-DINO's stage 2 starts from stage 1's backbone, category queries and selector.
+    Every source tensor must exist in `model` with the same shape; returns how many were
+    loaded."""
+    if Path(source).is_dir():
+        state, _, _ = consolidated_state(source)
+    else:
+        payload = torch.load(source, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{source} is not a vastdet exported model or run folder")
+        state = payload["model"]
+    own = model.state_dict()
+    missing = [k for k in state if k not in own]
+    if missing:
+        raise ValueError(f"{source} has weights this model lacks: {missing[:10]}")
+    shapes = [k for k in state if own[k].shape != state[k].shape]
+    if shapes:
+        raise ValueError(
+            f"{source}: shapes differ for {shapes[:10]} (was it trained with the same categories?)"
+        )
+    model.load_state_dict(state, strict=False)
+    return len(state)

@@ -7,16 +7,25 @@ from dataclasses import dataclass, field
 import torch
 
 from vastdet.models.backbone import build_backbone
-from vastdet.models.criterion import DEFAULT_WEIGHTS, SetCriterion
+from vastdet.models.category_queries import CORRELATIONS, CategoryQueries, initial_embeddings
+from vastdet.models.cq_dino import CQDINO, CategorySelector, ImageGuidedSelection
+from vastdet.models.criterion import DEFAULT_WEIGHTS, SelectionCriterion, SetCriterion
 from vastdet.models.dino import DINO
 from vastdet.models.matcher import HungarianMatcher
 from vastdet.models.postprocess import PostProcess
 from vastdet.models.transformer import DeformableTransformer
 
+ARCHITECTURES = ("dino", "cq_dino", "cq_selector")
+
 
 @dataclass
 class ModelConfig:
-    """DINO-4scale's settings by default (R50, 900 queries, 6 + 6 layers, 100 denoising queries)."""
+    """DINO-4scale's settings by default (R50, 900 queries, 6 + 6 layers, 100 denoising queries).
+
+    `cq_dino` is CQ-DINO (stage 2, the whole detector); `cq_selector` its stage 1 (backbone,
+    category queries and selector, trained with the selection loss alone). CQ-DINO's defaults
+    are the paper's: C' = 100 selected categories, tree construction with w = 0.3, ASL with
+    gamma_neg 7, gamma_pos 0, clip 0.05, loss weights selection 1, alignment 1, L1 5, GIoU 2."""
 
     architecture: str = "dino"
     backbone: str = "resnet50"
@@ -41,21 +50,85 @@ class ModelConfig:
     matcher_costs: tuple[float, float, float] = (2.0, 5.0, 2.0)  # class, L1, GIoU
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     max_detections: int = 300
+    # CQ-DINO
+    category_embeddings: str | None = None  # `vastdet taxonomy embed` output; none: random
+    text_dim: int = 768  # the embedding width (CLIP ViT-L/14's 768; the file's width wins)
+    correlation: str = "tree"  # tree | self_attention | none
+    tree_weight: float = 0.3  # w of eq. 7
+    num_selected: int = 100  # C'
+    force_gt_categories: bool = False  # training: ground-truth categories always selected
+    selector_heads: int = 8
+    selector_chunk: int = 4096  # categories scored per chunk (recomputed in backward)
+    asl: tuple[float, float, float] = (7.0, 0.0, 0.05)  # gamma_neg, gamma_pos, clip
+    init_from: str | None = None  # stage 2: a stage-1 run folder or exported file
+    diagnostics: bool = True  # log rho (eq. 3) and eta (eq. 4) on the classification logits
 
     def __post_init__(self) -> None:
-        if self.architecture != "dino":
-            raise ValueError(f"architecture {self.architecture!r} is not available (dino)")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is not available ({', '.join(ARCHITECTURES)})"
+            )
+        if self.correlation not in CORRELATIONS:
+            raise ValueError(f"correlation must be one of {CORRELATIONS}, not {self.correlation!r}")
         if self.d_model % self.heads or self.d_model % self.neck_groups:
             raise ValueError(
                 f"d_model {self.d_model} must divide by heads {self.heads} and neck_groups {self.neck_groups}"
             )
 
 
-def build_model(cfg: ModelConfig, category_ids) -> tuple[DINO, SetCriterion, PostProcess]:
-    """(model, criterion, postprocessor) for the given category ids (the classifier's columns)."""
+def build_model(cfg: ModelConfig, category_ids, taxonomy=None):
+    """(model, criterion, postprocessor) for the given category ids (the classifier's columns,
+    ascending). `taxonomy` gives CQ-DINO its hierarchy (tree construction and the selection
+    loss's ancestor mask); a stage-1 model has no postprocessor (None)."""
     category_ids = torch.as_tensor(sorted(int(c) for c in category_ids), dtype=torch.int64)
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage)
-    transformer = DeformableTransformer(
+    if cfg.architecture == "dino":
+        return _build_dino(cfg, backbone, category_ids)
+    hierarchy = None
+    if taxonomy is not None:
+        from taxonomy.hierarchy import CategoryHierarchy
+
+        hierarchy = CategoryHierarchy.from_taxonomy(taxonomy, cfg.tree_weight)
+        if not torch.equal(torch.as_tensor(hierarchy.category_ids), category_ids):
+            raise ValueError("the taxonomy's categories are not the model's category ids")
+    init = initial_embeddings(cfg.category_embeddings, category_ids)
+    queries = CategoryQueries(
+        len(category_ids),
+        cfg.d_model,
+        init.shape[1] if init is not None else cfg.text_dim,
+        cfg.correlation,
+        cfg.selector_heads,
+        init,
+        hierarchy,
+    )
+    selector = ImageGuidedSelection(
+        backbone.channels[-1], cfg.d_model, cfg.selector_heads, cfg.selector_chunk
+    )
+    selection = SelectionCriterion(*cfg.asl, hierarchy=hierarchy)
+    if cfg.architecture == "cq_selector":
+        model = CategorySelector(
+            backbone, queries, selector, category_ids, cfg.num_selected, cfg.force_gt_categories
+        )
+        return model, selection, None
+    model = CQDINO(
+        backbone,
+        _transformer(cfg, category_fusion=True),
+        category_ids,
+        queries,
+        selector,
+        cfg.num_selected,
+        cfg.force_gt_categories,
+        num_levels=cfg.num_levels,
+        dn_number=cfg.dn_number,
+        label_noise=cfg.label_noise,
+        box_noise=cfg.box_noise,
+        neck_groups=cfg.neck_groups,
+    )
+    return model, _criterion(cfg, selection), PostProcess(cfg.max_detections)
+
+
+def _transformer(cfg: ModelConfig, category_fusion: bool = False) -> DeformableTransformer:
+    return DeformableTransformer(
         cfg.d_model,
         cfg.heads,
         cfg.enc_layers,
@@ -66,10 +139,22 @@ def build_model(cfg: ModelConfig, category_ids) -> tuple[DINO, SetCriterion, Pos
         cfg.enc_points,
         cfg.dec_points,
         cfg.num_queries,
+        category_fusion,
     )
+
+
+def _criterion(cfg: ModelConfig, selection=None) -> SetCriterion:
+    cost_class, cost_bbox, cost_giou = cfg.matcher_costs
+    matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, cfg.focal_alpha, cfg.focal_gamma)
+    return SetCriterion(
+        matcher, cfg.loss_weights, cfg.focal_alpha, cfg.focal_gamma, selection, cfg.diagnostics
+    )
+
+
+def _build_dino(cfg: ModelConfig, backbone, category_ids):
     model = DINO(
         backbone,
-        transformer,
+        _transformer(cfg),
         category_ids,
         cfg.num_levels,
         cfg.dn_number,
@@ -77,7 +162,4 @@ def build_model(cfg: ModelConfig, category_ids) -> tuple[DINO, SetCriterion, Pos
         cfg.box_noise,
         cfg.neck_groups,
     )
-    cost_class, cost_bbox, cost_giou = cfg.matcher_costs
-    matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, cfg.focal_alpha, cfg.focal_gamma)
-    criterion = SetCriterion(matcher, cfg.loss_weights, cfg.focal_alpha, cfg.focal_gamma)
-    return model, criterion, PostProcess(cfg.max_detections)
+    return model, _criterion(cfg), PostProcess(cfg.max_detections)

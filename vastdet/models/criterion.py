@@ -12,11 +12,88 @@ import torch.nn.functional as F
 from torch import nn
 
 from vastdet.models.box_ops import cxcywh_to_xyxy, elementwise_generalized_box_iou
+from vastdet.models.category_queries import ancestor_mask
+from vastdet.models.cq_dino import selection_targets, slot_of
 from vastdet.models.dino import label_columns
-from vastdet.models.losses import sigmoid_focal_loss
+from vastdet.models.losses import asymmetric_loss, sigmoid_focal_loss
 from vastdet.models.matcher import HungarianMatcher
 
-DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_sel": 1.0}
+HARD_NEGATIVES = 10  # N_h of eq. 4: the highest-scoring negatives of each matched query
+
+
+@torch.no_grad()
+def gradient_diagnostics(
+    logits: torch.Tensor, matches, targets, hard: int = HARD_NEGATIVES
+) -> dict[str, torch.Tensor]:
+    """CQ-DINO's eq. 3 and 4 on the final layer's classification logits [B, Q, K], over the
+    matched queries, with the sigmoid cross-entropy gradient |sigma(z) - y| of eq. 1:
+
+    - `diag_rho`: positive-to-negative gradient ratio, sum over positives of 1 - sigma(z+)
+      over the sum over every other column of sigma(z-);
+    - `diag_eta`: hard-negative share, the `hard` largest sigma(z-) of each matched query over
+      all of its negatives.
+
+    K is every category for DINO and the C' selected slots for CQ-DINO (eq. 5). Queries whose
+    target has no column (-1) are left out."""
+    rows, cols = [], []
+    for b, ((q, j), t) in enumerate(zip(matches, targets)):
+        labels = t["labels"][j].to(logits.device)
+        keep = labels >= 0
+        rows.append(logits[b, q.to(logits.device)[keep]])
+        cols.append(labels[keep])
+    z = torch.cat(rows).float() if rows else logits.new_zeros(0, logits.shape[-1])
+    if z.shape[0] == 0:
+        nan = torch.tensor(float("nan"), device=logits.device)
+        return {"diag_rho": nan, "diag_eta": nan}
+    c = torch.cat(cols)
+    p = z.sigmoid()
+    positive = 1 - p.gather(1, c[:, None]).squeeze(1)
+    negatives = p.scatter(1, c[:, None], 0.0)
+    total_neg = negatives.sum()
+    top = negatives.topk(min(hard, max(p.shape[1] - 1, 1)), dim=1).values.sum()
+    return {"diag_rho": positive.sum() / total_neg, "diag_eta": top / total_neg}
+
+
+class SelectionCriterion(nn.Module):
+    """CQ-DINO's selection loss: the asymmetric loss over every category's selection logit
+    [B, C], targets the categories present in the image, the strict ancestors of present
+    categories left out of the negatives when a hierarchy is given (§3.4). Summed over
+    categories and averaged over images."""
+
+    def __init__(
+        self,
+        gamma_neg: float = 7.0,
+        gamma_pos: float = 0.0,
+        clip: float = 0.05,
+        hierarchy=None,
+    ):
+        super().__init__()
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+        self.weights = {"loss_sel": 1.0}
+        self.levels: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if hierarchy is not None:  # a taxonomy.CategoryHierarchy in the model's row order
+            self.levels = [
+                (torch.as_tensor(lv.parent), torch.as_tensor(lv.child)) for lv in hierarchy.levels
+            ]
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        logits, cats = outputs["selection_logits"], outputs["all_category_ids"]
+        present = selection_targets(targets, cats, logits.shape[1])
+        mask = None
+        if self.levels:
+            if self.levels[0][0].device != logits.device:
+                self.levels = [(p.to(logits.device), c.to(logits.device)) for p, c in self.levels]
+            parent = torch.cat([p for p, _ in self.levels])
+            child = torch.cat([c for _, c in self.levels])
+            mask = ancestor_mask(present, parent, child, [len(p) for p, _ in self.levels])
+        loss = asymmetric_loss(
+            logits, present.to(logits.dtype), self.gamma_neg, self.gamma_pos, self.clip, mask
+        )
+        return {"loss_sel": loss.sum() / max(len(targets), 1)}
+
+    def weighted_sum(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights.get(k, 0.0) * v for k, v in losses.items() if k in self.weights)
 
 
 def num_boxes_across_ranks(targets: list[dict], device) -> float:
@@ -35,11 +112,15 @@ class SetCriterion(nn.Module):
         weights: dict[str, float] | None = None,
         alpha: float = 0.25,
         gamma: float = 2.0,
+        selection: SelectionCriterion | None = None,
+        diagnostics: bool = True,
     ):
         super().__init__()
         self.matcher = matcher
         self.weights = dict(weights or DEFAULT_WEIGHTS)
         self.alpha, self.gamma = alpha, gamma
+        self.selection = selection
+        self.diagnostics = diagnostics
 
     def classification(
         self, logits: torch.Tensor, matches, targets, num_boxes: float
@@ -52,6 +133,8 @@ class SetCriterion(nn.Module):
         )
         q_idx = torch.cat([q for q, _ in matches]).to(logits.device)
         c_idx = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matches)]).to(logits.device)
+        labelled = c_idx >= 0  # a target with label -1 has no class column: box losses only
+        b_idx, q_idx, c_idx = b_idx[labelled], q_idx[labelled], c_idx[labelled]
         if q_idx.numel():
             picked = logits[b_idx, q_idx, c_idx]
             ones, none = torch.ones_like(picked), torch.zeros_like(picked)
@@ -92,13 +175,27 @@ class SetCriterion(nn.Module):
         }
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Unweighted loss terms; `weighted_sum` combines them. Targets' labels are category ids."""
+        """Unweighted loss terms; `weighted_sum` combines them. Targets' labels are category ids;
+        `category_ids` is [C] (every image's columns) or [B, C'] (CQ-DINO's selected slots, -1
+        for a ground truth whose category was not selected)."""
         cats = outputs["category_ids"]
+        raw_targets = targets
         targets = [
-            {**t, "labels": label_columns(t["labels"].to(cats.device), cats)} for t in targets
+            {
+                **t,
+                "labels": label_columns(t["labels"].to(cats.device), cats)
+                if cats.dim() == 1
+                else slot_of(t["labels"].to(cats.device), cats[b]),
+            }
+            for b, t in enumerate(targets)
         ]
         num_boxes = num_boxes_across_ranks(targets, cats.device)
-        losses = self.layer_losses(outputs, targets, self.matcher(outputs, targets), num_boxes, "")
+        final_matches = self.matcher(outputs, targets)
+        losses = self.layer_losses(outputs, targets, final_matches, num_boxes, "")
+        if self.selection is not None and "selection_logits" in outputs:
+            losses.update(self.selection(outputs, raw_targets))
+        if self.diagnostics:
+            losses.update(gradient_diagnostics(outputs["pred_logits"], final_matches, targets))
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(
                 self.layer_losses(aux, targets, self.matcher(aux, targets), num_boxes, f"_{i}")
@@ -122,6 +219,8 @@ class SetCriterion(nn.Module):
         """Sum of every term times the weight of its kind (`loss_ce_3` -> `loss_ce`)."""
         total = 0.0
         for name, value in losses.items():
+            if name.startswith("diag_"):
+                continue
             kind = "_".join(name.split("_")[:2])
             total = total + self.weights.get(kind, 0.0) * value
         return total

@@ -10,6 +10,7 @@ and every group from seeing the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,18 +38,22 @@ class DenoisingMeta:
 def build_denoising(
     labels: list[torch.Tensor],
     boxes: list[torch.Tensor],
-    label_embedding: nn.Embedding,
+    label_embedding: nn.Embedding | Callable[[torch.Tensor], torch.Tensor],
     num_queries: int,
     dn_number: int = 100,
     label_noise: float = 0.5,
     box_noise: float = 1.0,
     generator: torch.Generator | None = None,
+    num_classes: int | None = None,
 ):
     """(queries [B, P, D], reference boxes [B, P, 4] normalised cxcywh, attention mask
     [P + Q, P + Q] with True = blocked, meta), or None when `dn_number` is 0. A batch without
     targets gets one empty group (all queries zero, nothing to reconstruct).
 
-    `labels` are column indices into the label embedding; `boxes` normalised cxcywh.
+    `labels` are column indices into the label embedding; `boxes` normalised cxcywh. The
+    embedding may be any function of a [B, P] label tensor (CQ-DINO embeds slot indices with
+    each image's selected category queries) given `num_classes`; a label -1 (a category that
+    was not selected) gets a zero content query and keeps its box to reconstruct.
     """
     counts = [int(lab.numel()) for lab in labels]
     if dn_number <= 0:
@@ -62,8 +67,10 @@ def build_denoising(
     else:
         groups = max(1, dn_number // (2 * single_pad)) if dn_number >= 100 else max(1, dn_number)
     pad = 2 * single_pad * groups
-    b, device = len(labels), label_embedding.weight.device
-    num_classes = label_embedding.num_embeddings
+    b = len(labels)
+    weight = getattr(label_embedding, "weight", None)
+    device = weight.device if weight is not None else (labels[0].device if labels else "cpu")
+    num_classes = num_classes if num_classes is not None else label_embedding.num_embeddings
     query_labels = torch.zeros(b, pad, dtype=torch.long, device=device)
     query_boxes = torch.zeros(b, pad, 4, device=device)
     filled = torch.zeros(b, pad, dtype=torch.bool, device=device)
@@ -92,7 +99,8 @@ def build_denoising(
         query_labels[i, slots] = lab
         query_boxes[i, slots] = xyxy_to_cxcywh(noisy)
         filled[i, slots] = True
-    queries = label_embedding(query_labels) * filled[..., None]
+    filled &= query_labels >= 0
+    queries = label_embedding(query_labels.clamp(min=0)) * filled[..., None]
     size = pad + num_queries
     mask = torch.zeros(size, size, dtype=torch.bool, device=device)
     mask[pad:, :pad] = True

@@ -63,7 +63,18 @@ class ClassHead(nn.Linear):
         )
 
 
-class DINO(nn.Module):
+PRIOR_BIAS = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
+
+
+def backbone_levels(backbone: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The backbone's feature levels; uint8 images are normalised here, on their device."""
+    return backbone(normalize_images(images) if images.dtype == torch.uint8 else images)
+
+
+class DeformableDetector(nn.Module):
+    """What DINO and CQ-DINO share: backbone, 4-scale neck, positions, the deformable
+    transformer, box heads (zero-initialised last layers) and the category-id buffer."""
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -84,30 +95,19 @@ class DINO(nn.Module):
         self.register_buffer(
             "category_ids", torch.as_tensor(category_ids, dtype=torch.int64), persistent=True
         )
-        num_classes = len(self.category_ids)
-        self.class_head = ClassHead(d, num_classes)  # shared by all decoder layers (DINO)
-        self.bbox_head = MLP(d, d, 4, 3)
-        self.enc_class_head = ClassHead(d, num_classes)
+        self.bbox_head = MLP(d, d, 4, 3)  # shared by all decoder layers (DINO)
         self.enc_bbox_head = MLP(d, d, 4, 3)
-        self.label_embedding = nn.Embedding(num_classes, d)
         self.dn_number, self.label_noise, self.box_noise = dn_number, label_noise, box_noise
-        bias = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
-        for head in (self.class_head, self.enc_class_head):
-            nn.init.constant_(head.bias, bias)
         for mlp in (self.bbox_head, self.enc_bbox_head):
             nn.init.constant_(mlp.layers[-1].weight, 0.0)
             nn.init.constant_(mlp.layers[-1].bias, 0.0)
 
-    def class_logits(
-        self, tokens: torch.Tensor, layer: int, best_only: bool = False
-    ) -> torch.Tensor:
-        """Logits over all categories [..., C] (or each token's best [...] with `best_only`);
-        `layer = -1` is the encoder proposals' head."""
-        return (self.enc_class_head if layer < 0 else self.class_head)(tokens, best_only)
+    def backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return backbone_levels(self.backbone, images)
 
-    def features(self, images: torch.Tensor, masks: torch.Tensor):
+    def features(self, images: torch.Tensor, masks: torch.Tensor, backbone_feats=None):
         feats = self.neck(
-            self.backbone(normalize_images(images) if images.dtype == torch.uint8 else images)
+            backbone_feats if backbone_feats is not None else self.backbone_features(images)
         )
         level_masks = [downsample_mask(masks, f.shape[-2:]) for f in feats]
         return (
@@ -115,6 +115,46 @@ class DINO(nn.Module):
             level_masks,
             [self.position(m).to(f.dtype) for f, m in zip(feats, level_masks)],
         )
+
+    def detection_outputs(self, out: dict, logits: list[torch.Tensor], enc_logits, dn) -> dict:
+        """Per-layer outputs with denoising slots split off (see DINO.forward's result)."""
+        pad = dn[3].pad_size if dn is not None else 0
+        layers = [
+            {"pred_logits": lg[:, pad:], "pred_boxes": bx[:, pad:]}
+            for lg, bx in zip(logits, out["boxes"])
+        ]
+        result = {
+            **layers[-1],
+            "aux_outputs": layers[:-1],
+            "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": out["enc_boxes"]},
+        }
+        if dn is not None:
+            result["dn_outputs"] = [
+                {"pred_logits": lg[:, :pad], "pred_boxes": bx[:, :pad]}
+                for lg, bx in zip(logits, out["boxes"])
+            ]
+            result["dn_meta"] = dn[3]
+        return result
+
+
+class DINO(DeformableDetector):
+    def __init__(
+        self, backbone: nn.Module, transformer: DeformableTransformer, category_ids, *args, **kwargs
+    ):
+        super().__init__(backbone, transformer, category_ids, *args, **kwargs)
+        d, num_classes = transformer.d_model, len(self.category_ids)
+        self.class_head = ClassHead(d, num_classes)  # shared by all decoder layers (DINO)
+        self.enc_class_head = ClassHead(d, num_classes)
+        self.label_embedding = nn.Embedding(num_classes, d)
+        for head in (self.class_head, self.enc_class_head):
+            nn.init.constant_(head.bias, PRIOR_BIAS)
+
+    def class_logits(
+        self, tokens: torch.Tensor, layer: int, best_only: bool = False, categories=None
+    ) -> torch.Tensor:
+        """Logits over all categories [..., C] (or each token's best [...] with `best_only`);
+        `layer = -1` is the encoder proposals' head."""
+        return (self.enc_class_head if layer < 0 else self.class_head)(tokens, best_only)
 
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor, targets: list[dict] | None = None
@@ -148,24 +188,6 @@ class DINO(nn.Module):
             *(dn[:3] if dn is not None else (None, None, None)),
         )
         logits = [self.class_logits(h, i) for i, h in enumerate(out["hs"])]
-        pad = dn[3].pad_size if dn is not None else 0
-        layers = [
-            {"pred_logits": lg[:, pad:], "pred_boxes": bx[:, pad:]}
-            for lg, bx in zip(logits, out["boxes"])
-        ]
-        result = {
-            **layers[-1],
-            "aux_outputs": layers[:-1],
-            "category_ids": self.category_ids,
-            "enc_outputs": {
-                "pred_logits": self.class_logits(out["enc_tokens"], -1),
-                "pred_boxes": out["enc_boxes"],
-            },
-        }
-        if dn is not None:
-            result["dn_outputs"] = [
-                {"pred_logits": lg[:, :pad], "pred_boxes": bx[:, :pad]}
-                for lg, bx in zip(logits, out["boxes"])
-            ]
-            result["dn_meta"] = dn[3]
+        result = self.detection_outputs(out, logits, self.class_logits(out["enc_tokens"], -1), dn)
+        result["category_ids"] = self.category_ids
         return result

@@ -48,8 +48,10 @@ class HungarianMatcher(torch.nn.Module):
         target_boxes: torch.Tensor,
     ) -> torch.Tensor:
         """One image's cost [Q, T]. logits [Q, K]; boxes [Q, 4] and target_boxes [T, 4] in
-        normalised cxcywh; labels [T] column indices into K."""
-        cls = focal_class_cost(logits[:, labels].float(), self.alpha, self.gamma)
+        normalised cxcywh; labels [T] column indices into K, -1 for a target whose category is
+        not among the columns (CQ-DINO's unselected categories): matched on its box alone."""
+        cls = focal_class_cost(logits[:, labels.clamp(min=0)].float(), self.alpha, self.gamma)
+        cls = cls * (labels >= 0).to(cls.dtype)[None]
         l1 = torch.cdist(boxes.float(), target_boxes.float(), p=1)
         giou = generalized_box_iou(
             cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(target_boxes.float())

@@ -1,5 +1,6 @@
 """Detections out of model outputs: top-k over (query, category) scores, boxes in pixels,
-labels as real category ids, as COCO result dicts."""
+labels as real category ids, as COCO result dicts. The columns stand for `category_ids`: [C]
+for every image (DINO) or [B, C'] per image (CQ-DINO's selected slots)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ class PostProcess:
         h, w = orig_sizes.unbind(1)
         scale = torch.stack([w, h, w, h], 1)[:, None].to(picked)
         xyxy = cxcywh_to_xyxy(picked) * scale
+        per_image = cats if cats.dim() == 2 else cats[None].expand(b, -1)  # CQ-DINO: [B, C']
         return [
-            {"scores": scores[i], "labels": cats[column[i]], "boxes": xyxy[i]} for i in range(b)
+            {"scores": scores[i], "labels": per_image[i][column[i]], "boxes": xyxy[i]}
+            for i in range(b)
         ]
 
     def coco_results(

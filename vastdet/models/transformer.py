@@ -9,6 +9,11 @@
   layer's box prediction uses the previous layer's refined box *before* it is detached, so the
   gradient of layer i's loss also reaches layer i-1's refinement.
 
+With `category_fusion` (CQ-DINO, after Grounding DINO) the selected category queries [B, K, D]
+take part: a feature enhancer before every encoder layer (bi-directional image<->category
+attention, then category self-attention and FFN), and a category cross-attention in every
+decoder layer between its self-attention and its deformable image cross-attention.
+
 At vast vocabularies the class scores of all tokens ([B, S, C]: a gigabyte at 13k classes and
 800 px) are never held: selection needs only each token's best score, computed in chunks
 without gradient; class logits with gradient are computed for the selected tokens alone.
@@ -91,25 +96,91 @@ class EncoderLayer(nn.Module):
         return self.norm2(src + self.dropout(self.ffn(src)))
 
 
+class BiAttention(nn.Module):
+    """Bi-directional image<->category attention over one similarity tensor [B, h, S, K]:
+    softmax over categories updates image tokens, softmax over (unpadded) tokens updates
+    categories (Grounding DINO's feature-enhancer attention)."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.img_q, self.cat_k = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+        self.img_v, self.cat_v = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+        self.img_out, self.cat_out = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, img, cats, img_mask):
+        """img [B, S, D], cats [B, K, D], img_mask [B, S] True on padding -> (delta img, delta cats)."""
+        b, s, d = img.shape
+        q, k = self._heads(self.img_q(img)), self._heads(self.cat_k(cats))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)  # [B, h, S, K]
+        to_img = logits.softmax(-1) @ self._heads(self.cat_v(cats))
+        to_cat = logits.masked_fill(img_mask[:, None, :, None], float("-inf")).softmax(-2)
+        to_cat = to_cat.transpose(-1, -2) @ self._heads(self.img_v(img))
+        merge = lambda x: x.transpose(1, 2).reshape(b, -1, d)  # noqa: E731
+        return self.img_out(merge(to_img)), self.cat_out(merge(to_cat))
+
+
+class FeatureEnhancerLayer(nn.Module):
+    """Image<->category fusion before a deformable encoder layer; layer scales start at 1e-4
+    so that fusion starts as a near identity (Grounding DINO's choice)."""
+
+    def __init__(self, d_model: int, d_ffn: int, heads: int, dropout: float):
+        super().__init__()
+        self.img_norm, self.cat_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.bi_attn = BiAttention(d_model, heads)
+        self.img_scale = nn.Parameter(torch.full((d_model,), 1e-4))
+        self.cat_scale = nn.Parameter(torch.full((d_model,), 1e-4))
+        self.self_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = feed_forward(d_model, d_ffn, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, img, cats, img_mask):
+        d_img, d_cat = self.bi_attn(self.img_norm(img), self.cat_norm(cats), img_mask)
+        img = img + self.img_scale * d_img
+        cats = cats + self.cat_scale * d_cat
+        cats = self.norm1(cats + self.self_attn(cats, cats, cats, need_weights=False)[0])
+        return img, self.norm2(cats + self.ffn(cats))
+
+
 class DecoderLayer(nn.Module):
     def __init__(
-        self, d_model: int, d_ffn: int, heads: int, levels: int, points: int, dropout: float
+        self,
+        d_model: int,
+        d_ffn: int,
+        heads: int,
+        levels: int,
+        points: int,
+        dropout: float,
+        category_attn: bool = False,
     ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
+        if category_attn:  # CQ-DINO's cross-modality decoder
+            self.category_attn = nn.MultiheadAttention(
+                d_model, heads, dropout=dropout, batch_first=True
+            )
+            self.norm_cat = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformAttn(d_model, levels, heads, points)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = feed_forward(d_model, d_ffn, dropout)
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tgt, query_pos, refs, memory, shapes, memory_mask, attn_mask):
+    def forward(self, tgt, query_pos, refs, memory, shapes, memory_mask, attn_mask, cats=None):
         q = k = tgt + query_pos
         tgt = self.norm1(
             tgt
             + self.dropout(self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0])
         )
+        if cats is not None:
+            attended = self.category_attn(tgt + query_pos, cats, cats, need_weights=False)[0]
+            tgt = self.norm_cat(tgt + self.dropout(attended))
         tgt = self.norm2(
             tgt + self.dropout(self.cross_attn(tgt + query_pos, refs, memory, shapes, memory_mask))
         )
@@ -136,6 +207,7 @@ class DeformableTransformer(nn.Module):
         enc_points: int = 4,
         dec_points: int = 4,
         num_queries: int = 900,
+        category_fusion: bool = False,
     ):
         super().__init__()
         self.d_model, self.levels, self.num_queries = d_model, levels, num_queries
@@ -143,8 +215,15 @@ class DeformableTransformer(nn.Module):
             EncoderLayer(d_model, d_ffn, heads, levels, enc_points, dropout)
             for _ in range(enc_layers)
         )
+        self.enhancer = (
+            nn.ModuleList(
+                FeatureEnhancerLayer(d_model, d_ffn, heads, dropout) for _ in range(enc_layers)
+            )
+            if category_fusion
+            else None
+        )
         self.decoder = nn.ModuleList(
-            DecoderLayer(d_model, d_ffn, heads, levels, dec_points, dropout)
+            DecoderLayer(d_model, d_ffn, heads, levels, dec_points, dropout, category_fusion)
             for _ in range(dec_layers)
         )
         self.decoder_norm = nn.LayerNorm(d_model)
@@ -170,11 +249,14 @@ class DeformableTransformer(nn.Module):
             refs.append(torch.stack([xs, ys], -1))
         return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
 
-    def encode(self, src, pos, shapes, mask, ratios):
+    def encode(self, src, pos, shapes, mask, ratios, cats=None):
+        """(memory [B, S, D], categories [B, K, D] after fusion, or None)."""
         refs = self.encoder_reference_points(shapes, ratios)
-        for layer in self.encoder:
+        for i, layer in enumerate(self.encoder):
+            if self.enhancer is not None:
+                src, cats = self.enhancer[i](src, cats, mask)
             src = layer(src, pos, refs, shapes, mask)
-        return src
+        return src, cats
 
     # ---------------------------------------------------------------- query selection
     def proposals(self, memory: torch.Tensor, mask: torch.Tensor, shapes: torch.Tensor):
@@ -203,9 +285,9 @@ class DeformableTransformer(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def best_scores(tokens: torch.Tensor, class_logits: Callable) -> torch.Tensor:
+    def best_scores(tokens: torch.Tensor, class_logits: Callable, cats=None) -> torch.Tensor:
         """Each token's highest class logit [B, S]; the head computes it in chunks, in one call."""
-        return class_logits(tokens, -1, best_only=True)
+        return class_logits(tokens, -1, best_only=True, categories=cats)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -219,8 +301,10 @@ class DeformableTransformer(nn.Module):
         dn_queries=None,
         dn_refs=None,
         attn_mask=None,
+        categories=None,
     ):
-        """features/masks/positions: per level [B, D, H, W] / [B, H, W] / [B, D, H, W].
+        """features/masks/positions: per level [B, D, H, W] / [B, H, W] / [B, D, H, W];
+        `categories` [B, K, D] with `category_fusion` (returned fused, as `categories`).
 
         Returns a dict: `hs` per decoder layer [B, N, D], `boxes` per layer (normalised cxcywh,
         look-forward-twice), `enc_tokens` and `enc_boxes` of the selected proposals.
@@ -236,10 +320,12 @@ class DeformableTransformer(nn.Module):
             1,
         )
         ratios = valid_ratios(masks)
-        memory = self.encode(src, pos, shapes, mask, ratios)
+        if (categories is None) != (self.enhancer is None):
+            raise ValueError("categories are given exactly when the transformer fuses them")
+        memory, cats = self.encode(src, pos, shapes, mask, ratios, categories)
 
         tokens, anchor_logits = self.proposals(memory, mask, shapes)
-        scores = self.best_scores(tokens, class_logits).masked_fill(
+        scores = self.best_scores(tokens, class_logits, cats).masked_fill(
             torch.isinf(anchor_logits[..., 0]), float("-inf")
         )
         k = min(self.num_queries, scores.shape[1])
@@ -254,8 +340,11 @@ class DeformableTransformer(nn.Module):
         if dn_queries is not None:
             tgt = torch.cat([dn_queries, tgt], 1)
             refs = torch.cat([dn_refs, refs], 1)
-        hs, boxes = self.decode(tgt, refs, memory, shapes, mask, ratios, bbox_heads, attn_mask)
+        hs, boxes = self.decode(
+            tgt, refs, memory, shapes, mask, ratios, bbox_heads, attn_mask, cats
+        )
         return {
+            "categories": cats,
             "hs": hs,
             "boxes": boxes,
             "enc_tokens": picked,
@@ -265,13 +354,13 @@ class DeformableTransformer(nn.Module):
             "spatial_shapes": shapes,
         }
 
-    def decode(self, tgt, refs, memory, shapes, mask, ratios, bbox_heads, attn_mask):
+    def decode(self, tgt, refs, memory, shapes, mask, ratios, bbox_heads, attn_mask, cats=None):
         hs, boxes = [], []
         previous = refs  # look-forward-twice: the undetached refinement of the previous layer
         for layer, head in zip(self.decoder, bbox_heads):
             layer_refs = refs[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
             query_pos = self.ref_point_head(box_sine_embedding(refs, self.d_model))
-            tgt = layer(tgt, query_pos, layer_refs, memory, shapes, mask, attn_mask)
+            tgt = layer(tgt, query_pos, layer_refs, memory, shapes, mask, attn_mask, cats)
             out = self.decoder_norm(tgt)
             refined = (head(out) + inverse_sigmoid(previous)).sigmoid()
             hs.append(out)

@@ -1,0 +1,172 @@
+"""CQ-DINO's learnable category queries `Q_cat` and the encoding of category correlations (§3.4).
+
+`Q_cat [C, D_text]` holds one row per category id (ascending), initialised from the taxonomy's
+OpenCLIP text embeddings (random normal when no file is given, and the log says so) and
+projected to the model width. Correlations are then encoded by
+
+- `tree`: hierarchical tree construction (eq. 6-7), bottom-up: each parent v becomes
+  (1 - alpha_v) Q_v + alpha_v * mean of its direct children's (already updated) queries, the
+  deepest parents first, so that information climbs the whole tree; a node may have several
+  parents. No parameters; the edge arrays are buffers, so an exported model carries its tree.
+- `self_attention`: an 8-head self-attention layer over all categories (for flat vocabularies
+  such as COCO; its cost is quadratic in C).
+- `none`: the projected queries as they are.
+
+Projection and tree construction commute (both are linear and the blend weights sum to 1), so
+the tree runs at the model width, the cheaper side.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CORRELATIONS = ("tree", "self_attention", "none")
+_TREE_BUFFERS = ("tree_parent", "tree_child", "tree_level_sizes", "tree_alpha")
+
+
+def tree_construction(
+    queries: torch.Tensor,
+    parent: torch.Tensor,
+    child: torch.Tensor,
+    level_sizes: list[int],
+    alpha: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. 6 over the levels: Q'_v = (1 - alpha_v) Q_v + alpha_v mean_{c in C(v)} Q'_c.
+
+    queries [C, D]; parent/child [E] category rows of the edges, grouped by level (deepest parents
+    first, `level_sizes` edges per level, all of a parent's edges in one level); alpha [C].
+    Out of place, differentiable; leaves keep their rows."""
+    out = queries
+    start = 0
+    for size in level_sizes:
+        p, c = parent[start : start + size], child[start : start + size]
+        start += size
+        rows, slot = torch.unique(p, return_inverse=True)
+        sums = out.new_zeros(len(rows), out.shape[1]).index_add(0, slot, out[c])
+        counts = torch.bincount(slot, minlength=len(rows)).to(out.dtype)[:, None]
+        a = alpha[rows].to(out.dtype)[:, None]
+        blended = (1 - a) * out[rows] + a * sums / counts
+        out = out.index_copy(0, rows, blended)
+    return out
+
+
+def ancestor_mask(
+    present: torch.Tensor, parent: torch.Tensor, child: torch.Tensor, level_sizes: list[int]
+) -> torch.Tensor:
+    """[B, C] bool: the strict ancestors of each image's present categories that are not
+    present themselves (§3.4: "vehicle" is not a negative when "car" is annotated). Marks climb
+    the levels, deepest parents first; `present` [B, C] bool."""
+    marks = present.to(torch.float32)
+    start = 0
+    for size in level_sizes:
+        p, c = parent[start : start + size], child[start : start + size]
+        start += size
+        marks = marks.index_add(1, p, marks[:, c])
+    return (marks > 0) & ~present
+
+
+def _edges(parts: list[np.ndarray]) -> torch.Tensor:
+    return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=torch.int64)
+
+
+class CategoryQueries(nn.Module):
+    """Q_cat and its correlation encoding; `forward()` gives the encoded queries [C, D]."""
+
+    def __init__(
+        self,
+        num_categories: int,
+        d_model: int,
+        text_dim: int = 768,
+        correlation: str = "tree",
+        heads: int = 8,
+        init: torch.Tensor | None = None,
+        hierarchy=None,
+    ):
+        super().__init__()
+        if correlation not in CORRELATIONS:
+            raise ValueError(f"correlation must be one of {CORRELATIONS}, not {correlation!r}")
+        self.correlation = correlation
+        self.embedding = nn.Embedding(num_categories, text_dim)
+        if init is not None:
+            if tuple(init.shape) != (num_categories, text_dim):
+                raise ValueError(
+                    f"category embeddings are {tuple(init.shape)}, the model needs "
+                    f"({num_categories}, {text_dim})"
+                )
+            with torch.no_grad():
+                self.embedding.weight.copy_(init)
+        self.proj = nn.Linear(text_dim, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        if correlation == "self_attention":
+            self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
+            self.attn_norm = nn.LayerNorm(d_model)
+        empty = torch.zeros(0, dtype=torch.int64)
+        for name in _TREE_BUFFERS:
+            self.register_buffer(name, empty.clone() if name != "tree_alpha" else torch.zeros(0))
+        if correlation == "tree" and hierarchy is None:
+            raise ValueError("tree construction needs the category hierarchy (a taxonomy)")
+        if hierarchy is not None:  # also kept for the selection loss's ancestor mask
+            if hierarchy.num_categories != num_categories:
+                raise ValueError(
+                    f"the hierarchy has {hierarchy.num_categories} categories, the model "
+                    f"{num_categories}"
+                )
+            self.set_hierarchy(hierarchy)
+
+    def set_hierarchy(self, hierarchy) -> None:
+        """Edge and alpha buffers from a `taxonomy.CategoryHierarchy` in the same row order."""
+        levels = hierarchy.levels
+        self.tree_parent = _edges([lv.parent for lv in levels])
+        self.tree_child = _edges([lv.child for lv in levels])
+        self.tree_level_sizes = torch.tensor([len(lv.parent) for lv in levels], dtype=torch.int64)
+        self.tree_alpha = torch.as_tensor(hierarchy.alpha, dtype=torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the tree's buffers take the loaded sizes: a model restored from a file needs no taxonomy
+        for name in _TREE_BUFFERS:
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self) -> torch.Tensor:
+        """The encoded category queries [C, D] (the embedding module is called, not read:
+        ZeRO-3 gathers parameters on module calls)."""
+        ids = torch.arange(self.embedding.num_embeddings, device=self.embedding.weight.device)
+        q = self.norm(self.proj(self.embedding(ids)))
+        if self.correlation == "tree" and self.tree_parent.numel():
+            q = tree_construction(
+                q,
+                self.tree_parent,
+                self.tree_child,
+                self.tree_level_sizes.tolist(),
+                self.tree_alpha,
+            )
+        elif self.correlation == "self_attention":
+            x = q[None]
+            q = self.attn_norm(x + self.attn(x, x, x, need_weights=False)[0])[0]
+        return q
+
+
+def initial_embeddings(path: str | None, category_ids: torch.Tensor) -> torch.Tensor | None:
+    """Rows of an embedding file (`vastdet taxonomy embed`) for `category_ids`, or None (random
+    initialisation, logged). Names the ids the file lacks."""
+    if not path:
+        log.warning("no category embedding file: category queries are randomly initialised")
+        return None
+    from taxonomy.embeddings import CategoryEmbeddings
+
+    emb = CategoryEmbeddings.load(path)
+    rows = torch.searchsorted(emb.category_ids, category_ids).clamp(max=len(emb.category_ids) - 1)
+    missing = emb.category_ids[rows] != category_ids
+    if missing.any():
+        raise ValueError(
+            f"{path} has no embedding for category ids {category_ids[missing][:10].tolist()}: "
+            "embed the taxonomy the model is trained on (`vastdet taxonomy embed`)"
+        )
+    return emb.embeddings[rows].float()
