@@ -181,3 +181,14 @@ def test_tiny_model_overfits_one_synthetic_image():
         det = post(model(image, mask), torch.tensor([[96, 128]]))[0]
     assert det["labels"][0].item() == 5
     assert box_iou(det["boxes"][:1], torch.tensor([[30.0, 20.0, 80.0, 60.0]]))[0].item() > 0.5
+
+
+def test_presets_start_from_presets_and_a_loop_is_named(tmp_path):
+    from vastdet.config import from_dict
+
+    cfg = from_dict(ModelConfig, {"preset": "cq_dino_tiny_stage1", "num_selected": 7})
+    assert cfg.architecture == "cq_selector" and cfg.d_model == 32 and cfg.num_selected == 7
+    (tmp_path / "a.yaml").write_text(f"preset: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"preset: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="loop"):
+        from_dict(ModelConfig, {"preset": str(tmp_path / "a.yaml")})

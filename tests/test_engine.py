@@ -239,3 +239,33 @@ def test_two_ranks_train_under_zero(dataset, tmp_path, stage):
     # evaluation through the partitioned engine: 4 images on one rank, 1 and 3 fillers on the other
     evaluation = json.loads((out / "eval" / "metrics.json").read_text())
     assert evaluation["images"] == 5 and evaluation["detections"] == 5 * 100
+
+
+def test_cq_dino_two_stages_hand_over_and_train_under_zero3(dataset, tmp_path):
+    """Stage 1 (selector) on one rank; stage 2 starts from it on two ZeRO-3 ranks, one of whose
+    batches can be empty, with the backbone and category module at 1% learning rate; the
+    end-of-run evaluation reports AR^C next to AP."""
+    stage1 = tmp_path / "stage1"
+    run(config(dataset, stage1, model="cq_dino_tiny_stage1", steps=4, checkpoint_every=4))
+    low = {"pattern": r"^(backbone|category_queries|selector)\.", "lr_mult": 0.01}
+    stage2 = tmp_path / "stage2"
+    metrics = run(
+        config(
+            dataset,
+            stage2,
+            evaluate=True,
+            model={"preset": "cq_dino_tiny", "init_from": str(stage1)},
+            optim={"lr": 1e-3, "clip_grad": 1.0, "param_groups": [low]},
+            zero_stage=3,
+            steps=6,
+            checkpoint_every=6,
+        ),
+        world=2,
+    )
+    first = json.loads((stage1 / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(first) >= {"loss", "loss_sel"} and "loss_bbox" not in first
+    assert len(metrics) == 6 and all(m["loss"] == m["loss"] for m in metrics)
+    assert {"loss_sel", "loss_ce", "loss_bbox"} <= set(metrics[-1])
+    assert any("diag_rho" in m for m in metrics)
+    evaluation = json.loads((stage2 / "eval" / "metrics.json").read_text())
+    assert evaluation["images"] == 5 and 0 <= evaluation["AR_C"] <= 1 and "AP" in evaluation

@@ -77,9 +77,22 @@ def _convert(value: Any, hint: Any, where: str, source: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, source: str = "<config>", where: str = "") -> T:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values."""
+    """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values.
+
+    A `preset` key starts from that preset (or YAML file) and overrides its keys with the
+    others: `model: {preset: cq_dino_tiny, init_from: runs/stage1}`."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    seen: set[str] = set()
+    while "preset" in data and "preset" not in names:  # presets may start from presets
+        if str(data["preset"]) in seen:
+            raise ConfigError(f"{source}: presets name each other in a loop: {sorted(seen)}")
+        seen.add(str(data["preset"]))
+        base_path = preset_path(data["preset"])
+        base = yaml.safe_load(base_path.read_text()) or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{base_path}: the top level must be a mapping")
+        data = {**base, **{k: v for k, v in data.items() if k != "preset"}}
     unknown = sorted(set(data) - names)
     if unknown:
         place = f" in {where}" if where else ""

@@ -64,8 +64,11 @@ def _model_from_state(state: dict, config: dict, source: str):
     from vastdet.models.build import ModelConfig, build_model
 
     model_cfg = from_dict(ModelConfig, config["model"], source, "model")
-    model_cfg.backbone_weights = None  # the trained weights replace any initial ones
-    model, _, post = build_model(model_cfg, state["category_ids"].tolist())
+    # the trained weights replace any initial ones; the tree's edges are buffers in `state`
+    model_cfg.backbone_weights = model_cfg.category_embeddings = model_cfg.init_from = None
+    if "category_queries.embedding.weight" in state:
+        model_cfg.text_dim = state["category_queries.embedding.weight"].shape[1]
+    model, _, post = build_model(model_cfg, state["category_ids"].tolist(), restoring=True)
     model.load_state_dict(state, strict=True)
     return model.eval(), post, config
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -104,7 +105,9 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     }
 
 
-def _category_ids(cfg: TrainConfig, shards) -> list[int]:
+def _categories(cfg: TrainConfig, shards):
+    """The taxonomy whose category ids the model classifies (data.categories, else the file the
+    shards' manifest names)."""
     from taxonomy import load_taxonomy
 
     source = cfg.data.categories or shards.manifest.get("categories_file")
@@ -112,7 +115,7 @@ def _category_ids(cfg: TrainConfig, shards) -> list[int]:
         raise FileNotFoundError(
             f"no category file: set data.categories (the shards' manifest names {source!r})"
         )
-    return load_taxonomy(source).category_ids().tolist()
+    return load_taxonomy(source)
 
 
 def _to_device(batch, device):
@@ -133,27 +136,45 @@ def _gathered_rng_states() -> list[torch.Tensor]:
     return states
 
 
-LOGGED_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_dn", "loss_enc")
+LOGGED_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_dn", "loss_enc", "loss_sel")
+DIAGNOSTICS = ("diag_rho", "diag_eta")
 
 
 def _logged_losses(
     loss: torch.Tensor, losses: dict[str, torch.Tensor], criterion
 ) -> dict[str, float]:
-    """The total, the final layer's terms and the weighted sums of the denoising and encoder
-    families, averaged over ranks (every rank calls this at the same steps)."""
+    """The total, the final layer's terms, the weighted sums of the denoising and encoder
+    families, averaged over ranks (every rank calls this at the same steps), and the gradient
+    diagnostics averaged over the ranks where they are defined (an image set with no labelled
+    match has none)."""
     values = {"loss": loss.detach()}
     values.update(
-        {k: losses[k].detach() for k in ("loss_ce", "loss_bbox", "loss_giou") if k in losses}
+        {
+            k: losses[k].detach()
+            for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_sel")
+            if k in losses
+        }
     )
     for family, marker in (("loss_dn", "_dn_"), ("loss_enc", "_enc")):
         part = {k: v.detach() for k, v in losses.items() if marker in k}
         if part:
             values[family] = criterion.weighted_sum(part)
-    vector = torch.tensor([float(values.get(k, 0.0)) for k in LOGGED_TERMS], device=loss.device)
+    terms = [float(values.get(k, 0.0)) for k in LOGGED_TERMS]
+    diags = [float(losses[k]) if k in losses else float("nan") for k in DIAGNOSTICS]
+    finite = [d if math.isfinite(d) else 0.0 for d in diags]
+    counts = [float(math.isfinite(d)) for d in diags]
+    vector = torch.tensor(terms + finite + counts, device=loss.device, dtype=torch.float64)
+    world = 1
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(vector)
-        vector /= torch.distributed.get_world_size()
-    return {k: v for k, v in zip(LOGGED_TERMS, vector.tolist()) if k in values}
+        world = torch.distributed.get_world_size()
+    n = len(LOGGED_TERMS)
+    out = {k: v / world for k, v in zip(LOGGED_TERMS, vector[:n].tolist()) if k in values}
+    d = len(DIAGNOSTICS)
+    for k, total, count in zip(DIAGNOSTICS, vector[n : n + d].tolist(), vector[n + d :].tolist()):
+        if k in losses and count > 0:
+            out[k] = total / count
+    return out
 
 
 def train(config: TrainConfig | str) -> dict:
@@ -172,7 +193,13 @@ def train(config: TrainConfig | str) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     shards = ShardSet.open(cfg.data.train_shards)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, criterion, post = build_model(cfg.model, _category_ids(cfg, shards))
+    taxonomy = _categories(cfg, shards)
+    model, criterion, post = build_model(cfg.model, taxonomy.category_ids().tolist(), taxonomy)
+    if cfg.model.init_from and not checkpoints.complete_tags(ckpt_dir):
+        from vastdet.engine.export import load_weights_from
+
+        count = load_weights_from(model, cfg.model.init_from)
+        log.info("initialised %d tensors from %s", count, cfg.model.init_from)
     groups = parameter_groups(model, cfg.optim)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -297,7 +324,8 @@ def _evaluate(engine, post, cfg: TrainConfig, rank: int) -> dict | None:
     from pipelines.transforms import build_transforms
     from vastdet.evaluation.runner import evaluate_model, find_taxonomy, format_metrics, write_json
 
-    post.max_detections = max(post.max_detections, cfg.eval.max_dets[-1])
+    if post is not None:
+        post.max_detections = max(post.max_detections, cfg.eval.max_dets[-1])
     shards = ShardSet.open(cfg.data.val_shards)
     taxonomy = find_taxonomy(cfg.data.categories, shards.manifest.get("categories_file"))
     engine.eval()

@@ -45,6 +45,10 @@ def predict_images(
     from vastdet.evaluation.runner import find_taxonomy, write_json
 
     model, post, config = load_model(model_path)
+    if post is None:
+        raise ValueError(
+            f"{model_path} is a stage-1 category selector: it ranks categories, it has no boxes"
+        )
     transforms = build_transforms(
         from_dict(
             TransformConfig, config["data"]["transforms"], str(model_path), "data.transforms"

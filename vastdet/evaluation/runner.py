@@ -52,24 +52,35 @@ class EvalConfig:
 @torch.no_grad()
 def predict_pass(
     forward: Callable, loader, post, device: torch.device | str = "cpu"
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """This rank's (detections, images, ground-truth annotations) over an evaluation loader.
+) -> tuple[list[dict], list[dict], list[dict], list[int]]:
+    """This rank's (detections, images, ground-truth annotations, [selected, present]) over an
+    evaluation loader.
 
     Filler batches (`batch.empty`) are run through `forward` too, so that collective forwards
-    stay in step across ranks, and their outputs are dropped."""
+    stay in step across ranks, and their outputs are dropped. The last item counts, over
+    (image, ground-truth category) pairs, how many categories the model's per-image selection
+    kept (CQ-DINO's AR^C), and stays [0, 0] for a model without selection. `post` None: no
+    detections (a stage-1 selector)."""
     results, images, annotations = [], [], []
+    recall = [0, 0]
     for batch in loader:
         outputs = forward(batch.images.to(device), batch.masks.to(device))
         if batch.empty:
             continue
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
         ids = [int(t["image_id"]) for t in batch.targets]
-        results.extend(post.coco_results(outputs, sizes, ids))
-        for image_id, target in zip(ids, batch.targets):
+        if post is not None:
+            results.extend(post.coco_results(outputs, sizes, ids))
+        selected = outputs.get("category_ids")
+        for b, (image_id, target) in enumerate(zip(ids, batch.targets)):
             height, width = (int(v) for v in target["orig_size"])
             images.append({"id": image_id, "height": height, "width": width})
             annotations.extend({**a, "image_id": image_id} for a in target["annotations"])
-    return results, images, annotations
+            if selected is not None and selected.dim() == 2:
+                present = {a["category_id"] for a in target["annotations"]}
+                recall[0] += len(present & set(selected[b].tolist()))
+                recall[1] += len(present)
+    return results, images, annotations, recall
 
 
 def gather_to_rank0(items: list) -> list | None:
@@ -149,15 +160,22 @@ def evaluate_model(
     from pipelines.loader import eval_loader
 
     loader = eval_loader(val_shards, cfg.batch_size, transforms, cfg.num_workers)
-    results, images, annotations = predict_pass(forward, loader, post, device)
+    results, images, annotations, recall = predict_pass(forward, loader, post, device)
     if loader.skipped():
         log.warning("evaluation skipped samples: %s", loader.skipped())
     results = gather_to_rank0(results)
     images = gather_to_rank0(images)
     annotations = gather_to_rank0(annotations)
+    recall = gather_to_rank0([recall])
     if results is None:
         return None
-    metrics = score(results, images, annotations, category_ids, cfg.protocol, taxonomy)
+    selected, present = (sum(r[i] for r in recall) for i in (0, 1))
+    if post is None:
+        metrics = {"images": len(images)}
+    else:
+        metrics = score(results, images, annotations, category_ids, cfg.protocol, taxonomy)
+    if present:
+        metrics["AR_C"] = selected / present  # ground-truth categories kept by the selection
     return metrics, results
 
 
@@ -190,7 +208,8 @@ def run_eval(
         raise FileNotFoundError(f"no category file {categories}")
     rank, _ = init_distributed(_prepare_deepspeed())
     model, post, config = load_model(model_path)
-    post.max_detections = max(post.max_detections, cfg.max_dets[-1])
+    if post is not None:
+        post.max_detections = max(post.max_detections, cfg.max_dets[-1])
     transforms = build_transforms(
         from_dict(
             TransformConfig, config["data"]["transforms"], str(model_path), "data.transforms"

@@ -76,10 +76,11 @@ class ModelConfig:
             )
 
 
-def build_model(cfg: ModelConfig, category_ids, taxonomy=None):
+def build_model(cfg: ModelConfig, category_ids, taxonomy=None, restoring: bool = False):
     """(model, criterion, postprocessor) for the given category ids (the classifier's columns,
     ascending). `taxonomy` gives CQ-DINO its hierarchy (tree construction and the selection
-    loss's ancestor mask); a stage-1 model has no postprocessor (None)."""
+    loss's ancestor mask); `restoring`: the weights (tree buffers included) come next from a
+    saved state, so no hierarchy is needed. A stage-1 model has no postprocessor (None)."""
     category_ids = torch.as_tensor(sorted(int(c) for c in category_ids), dtype=torch.int64)
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage)
     if cfg.architecture == "dino":
@@ -91,7 +92,7 @@ def build_model(cfg: ModelConfig, category_ids, taxonomy=None):
         hierarchy = CategoryHierarchy.from_taxonomy(taxonomy, cfg.tree_weight)
         if not torch.equal(torch.as_tensor(hierarchy.category_ids), category_ids):
             raise ValueError("the taxonomy's categories are not the model's category ids")
-    init = initial_embeddings(cfg.category_embeddings, category_ids)
+    init = None if restoring else initial_embeddings(cfg.category_embeddings, category_ids)
     queries = CategoryQueries(
         len(category_ids),
         cfg.d_model,
@@ -100,6 +101,7 @@ def build_model(cfg: ModelConfig, category_ids, taxonomy=None):
         cfg.selector_heads,
         init,
         hierarchy,
+        require_hierarchy=not restoring,
     )
     selector = ImageGuidedSelection(
         backbone.channels[-1], cfg.d_model, cfg.selector_heads, cfg.selector_chunk

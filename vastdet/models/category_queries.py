@@ -87,6 +87,7 @@ class CategoryQueries(nn.Module):
         heads: int = 8,
         init: torch.Tensor | None = None,
         hierarchy=None,
+        require_hierarchy: bool = True,
     ):
         super().__init__()
         if correlation not in CORRELATIONS:
@@ -109,7 +110,7 @@ class CategoryQueries(nn.Module):
         empty = torch.zeros(0, dtype=torch.int64)
         for name in _TREE_BUFFERS:
             self.register_buffer(name, empty.clone() if name != "tree_alpha" else torch.zeros(0))
-        if correlation == "tree" and hierarchy is None:
+        if correlation == "tree" and hierarchy is None and require_hierarchy:
             raise ValueError("tree construction needs the category hierarchy (a taxonomy)")
         if hierarchy is not None:  # also kept for the selection loss's ancestor mask
             if hierarchy.num_categories != num_categories:

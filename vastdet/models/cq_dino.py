@@ -109,7 +109,7 @@ class ContrastiveAlignment(nn.Module):
     def __init__(self, d_model: int):
         super().__init__()
         self.scale = 1.0 / math.sqrt(d_model)
-        self.bias = nn.Parameter(torch.tensor(PRIOR_BIAS))
+        self.bias = nn.Parameter(torch.tensor([PRIOR_BIAS]))  # [1]: DeepSpeed broadcasts views
 
     def forward(self, objects: torch.Tensor, categories: torch.Tensor, best_only: bool = False):
         logits = objects @ categories.transpose(1, 2) * self.scale + self.bias
