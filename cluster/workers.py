@@ -23,11 +23,16 @@ def train_worker(config: dict) -> None:
 
 
 def run_training_stage(
-    config: dict, num_workers: int, use_gpu: bool = False, storage_path: str | None = None
+    config: dict,
+    num_workers: int,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    max_failures: int = 0,
 ):
     """Run one training stage as a Ray Train job of `num_workers` DeepSpeed workers; returns
-    Ray's `Result` (its `metrics` are rank 0's final report)."""
-    from ray.train import RunConfig, ScalingConfig
+    Ray's `Result` (its `metrics` are rank 0's final report). A failed worker group is
+    restarted up to `max_failures` times and resumes from the run's newest checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
@@ -35,6 +40,8 @@ def run_training_stage(
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=storage_path),
+        run_config=RunConfig(
+            storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)
+        ),
     )
     return trainer.fit()
