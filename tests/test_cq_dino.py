@@ -216,3 +216,19 @@ def test_stage_one_weights_hand_over_to_stage_two(tmp_path):
     mine = stage2.state_dict()
     for key, value in stage1.state_dict().items():
         assert torch.equal(mine[key], value), key
+
+
+def test_inference_form_keeps_only_the_encoded_queries_and_changes_no_output():
+    tax = flat_taxonomy()
+    model, _, _ = build_model(tiny(), tax.category_ids(), tax)
+    model.eval()
+    images, masks, _ = batch()
+    with torch.no_grad():
+        before = model(images, masks)
+    params = sum(p.numel() for p in model.parameters())
+    model.category_queries.freeze_for_inference()
+    with torch.no_grad():
+        after = model(images, masks)
+    assert torch.equal(before["category_ids"], after["category_ids"])
+    assert torch.allclose(before["pred_logits"], after["pred_logits"], atol=1e-6)
+    assert sum(p.numel() for p in model.parameters()) < params - 45 * 64  # the table is gone

@@ -70,6 +70,8 @@ def _model_from_state(state: dict, config: dict, source: str):
         model_cfg.text_dim = state["category_queries.embedding.weight"].shape[1]
     model, _, post = build_model(model_cfg, state["category_ids"].tolist(), restoring=True)
     model.load_state_dict(state, strict=True)
+    if hasattr(model, "category_queries"):  # CQ-DINO: the encoded queries are all inference needs
+        model.category_queries.freeze_for_inference()
     return model.eval(), post, config
 
 

@@ -135,9 +135,23 @@ class CategoryQueries(nn.Module):
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @torch.no_grad()
+    def freeze_for_inference(self) -> None:
+        """Keep only the encoded queries [C, D]: they do not depend on the image, so inference
+        needs neither the [C, D_text] table nor its projection and tree pass (at 768 -> 256
+        that is a third of the memory per category, and no per-image recomputation). The
+        module can no longer be trained or saved for training afterwards."""
+        encoded = self.forward().detach()
+        for name in ("embedding", "proj", "norm", "attn", "attn_norm"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.register_buffer("encoded", encoded, persistent=False)
+
     def forward(self) -> torch.Tensor:
         """The encoded category queries [C, D] (the embedding module is called, not read:
         ZeRO-3 gathers parameters on module calls)."""
+        if getattr(self, "encoded", None) is not None:
+            return self.encoded
         ids = torch.arange(self.embedding.num_embeddings, device=self.embedding.weight.device)
         q = self.norm(self.proj(self.embedding(ids)))
         if self.correlation == "tree" and self.tree_parent.numel():
