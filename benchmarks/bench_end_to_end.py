@@ -77,6 +77,80 @@ def random_boxes(images, train: ShardSet, per_image: int, seed: int) -> list[dic
     return results
 
 
+def prepare(work: Path, under: str, train: int, val: int) -> tuple[Path, Path]:
+    """(taxonomy file, data folder with shards/{train,val}), made when missing."""
+    work.mkdir(parents=True, exist_ok=True)
+    tax = work / "taxonomy.json"
+    if not tax.is_file():
+        run(["taxonomy", "build", "--under", under, "-o", str(tax)])
+    data = work / "data"
+    if not (data / "shards" / "val" / "manifest.json").is_file():
+        run(
+            ["data", "synth", "--taxonomy", str(tax), "-o", str(data), "--shards"]
+            + ["--train", str(train), "--val", str(val), "--min-side", "160"]
+            + ["--max-side", "240", "--max-objects", "4", "--max-samples", "500"]
+        )
+    return tax, data
+
+
+def train_config(
+    work: Path,
+    name: str,
+    model,
+    tax: Path,
+    data: Path,
+    steps: int,
+    batch: int,
+    lr: float,
+    param_groups: list[dict] | None = None,
+) -> Path:
+    """A single-process training YAML for `vastdet train` (eval at the end is `vastdet eval`)."""
+    config = {
+        "model": model,
+        "data": {
+            "train_shards": str(data / "shards" / "train"),
+            "categories": str(tax),
+            "batch_size": batch,
+            "num_workers": 1,
+            "shuffle_buffer": 200,
+            "transforms": {
+                "scales": [160, 176, 192, 208, 224],
+                "max_size": 320,
+                "crop_resize": [],
+                "eval_size": 192,
+            },
+        },
+        "optim": {
+            "lr": lr,
+            "clip_grad": 0.1,
+            "decay_steps": [int(steps * 0.8)],
+            **({"param_groups": param_groups} if param_groups is not None else {}),
+        },
+        "steps": steps,
+        "steps_per_epoch": 500,
+        "zero_stage": 0,
+        "log_every": 5 if steps < 100 else 25,
+        "checkpoint_every": max(steps // 3, 1),
+        "output_dir": str(work / name),
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def evaluate_run(run_dir: Path, data: Path) -> dict:
+    out = run_dir / "eval_val"
+    run(["eval", str(run_dir), "--shards", str(data / "shards" / "val"), "-o", str(out)])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def random_baseline(tax: Path, data: Path) -> dict:
+    val = ShardSet.open(data / "shards" / "val")
+    images, annotations = shard_ground_truth(val)
+    results = random_boxes(images, ShardSet.open(data / "shards" / "train"), 100, 0)
+    return score(results, images, annotations, _category_ids(tax))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--under", default="vehicle.n.01")
@@ -89,62 +163,21 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/e2e"))
     args = parser.parse_args()
     work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    times = {}
-    tax = work / "taxonomy.json"
-    if not tax.is_file():
-        times["taxonomy"] = run(["taxonomy", "build", "--under", args.under, "-o", str(tax)])
-    data = work / "data"
-    if not (data / "shards" / "val" / "manifest.json").is_file():
-        times["data"] = run(
-            ["data", "synth", "--taxonomy", str(tax), "-o", str(data), "--shards"]
-            + ["--train", str(args.train), "--val", str(args.val), "--min-side", "160"]
-            + ["--max-side", "240", "--max-objects", "4", "--max-samples", "500"]
-        )
-    run_dir = work / f"run_{args.model}"
-    config = {
-        "model": args.model,
-        "data": {
-            "train_shards": str(data / "shards" / "train"),
-            "categories": str(tax),
-            "batch_size": args.batch_size,
-            "num_workers": 1,
-            "shuffle_buffer": 200,
-            "transforms": {
-                "scales": [160, 176, 192, 208, 224],
-                "max_size": 320,
-                "crop_resize": [],
-                "eval_size": 192,
-            },
-        },
-        "optim": {"lr": args.lr, "clip_grad": 0.1, "decay_steps": [int(args.steps * 0.8)]},
-        "steps": args.steps,
-        "steps_per_epoch": 500,
-        "zero_stage": 0,
-        "log_every": 25,
-        "checkpoint_every": 500,
-        "output_dir": str(run_dir),
-    }
-    config_file = work / f"train_{args.model}.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    times["train"] = run(["train", "--config", str(config_file)])
-    eval_dir = run_dir / "eval_val"
-    times["eval"] = run(
-        ["eval", str(run_dir), "--shards", str(data / "shards" / "val"), "-o", str(eval_dir)]
+    tax, data = prepare(work, args.under, args.train, args.val)
+    name = f"run_{args.model}"
+    config_file = train_config(
+        work, name, args.model, tax, data, args.steps, args.batch_size, args.lr
     )
-    run(["plot", str(run_dir)])
-    model = json.loads((eval_dir / "metrics.json").read_text())
-    val = ShardSet.open(data / "shards" / "val")
-    images, annotations = shard_ground_truth(val)
-    categories = _category_ids(tax)
-    baseline_results = random_boxes(images, ShardSet.open(data / "shards" / "train"), 100, 0)
-    baseline = score(baseline_results, images, annotations, categories)
-    print(f"\n{len(categories)} categories, {len(images)} val images, {len(annotations)} boxes")
-    print(f"{'metric':<8} {args.model:>12} {'random boxes':>14} {'ratio':>8}")
-    for name in STAT_NAMES[:6] + ("AR100",):
-        a, b = model[name], baseline[name]
-        ratio = f"{a / b:8.1f}" if b > 0 else "       -"
-        print(f"{name:<8} {a:12.4f} {b:14.4f} {ratio}")
+    times = {"train": run(["train", "--config", str(config_file)])}
+    start = time.perf_counter()
+    model = evaluate_run(work / name, data)
+    times["eval"] = time.perf_counter() - start
+    run(["plot", str(work / name)])
+    baseline = random_baseline(tax, data)
+    print(f"\n{len(_category_ids(tax))} categories, {model['images']} val images")
+    print(f"{'metric':<8} {args.model:>12} {'random boxes':>14}")
+    for metric in STAT_NAMES[:6] + ("AR100",):
+        print(f"{metric:<8} {model[metric]:12.4f} {baseline[metric]:14.4f}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 
 

@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--under", default="mammal.n.01", help="WordNet subtree of categories")
-    parser.add_argument("--train", type=int, default=1000, help="training images")
+    parser.add_argument("--train", type=int, default=800, help="training images")
     parser.add_argument("--val", type=int, default=100, help="validation images")
-    parser.add_argument("--steps1", type=int, default=100, help="stage-1 steps")
-    parser.add_argument("--steps2", type=int, default=300, help="stage-2 steps")
+    parser.add_argument("--steps1", type=int, default=60, help="stage-1 steps")
+    parser.add_argument("--steps2", type=int, default=200, help="stage-2 steps")
     parser.add_argument("--clip-checkpoint", help="a local OpenCLIP checkpoint for embeddings")
     args = parser.parse_args(argv)
     from vastdet.cli import configure_logging

@@ -75,6 +75,19 @@ def _edges(parts: list[np.ndarray]) -> torch.Tensor:
     return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=torch.int64)
 
 
+class QueryTable(nn.Module):
+    """The learnable rows Q_cat [C, D_text] (normal init, as an embedding table). Its forward
+    returns the parameter itself: a module call, so ZeRO-3 gathers it, without the copy an
+    embedding lookup of every row would make (3 GB at 10^6 categories x 768)."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim).normal_())
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
 class CategoryQueries(nn.Module):
     """Q_cat and its correlation encoding; `forward()` gives the encoded queries [C, D]."""
 
@@ -93,7 +106,7 @@ class CategoryQueries(nn.Module):
         if correlation not in CORRELATIONS:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, not {correlation!r}")
         self.correlation = correlation
-        self.embedding = nn.Embedding(num_categories, text_dim)
+        self.embedding = QueryTable(num_categories, text_dim)
         if init is not None:
             if tuple(init.shape) != (num_categories, text_dim):
                 raise ValueError(
@@ -148,12 +161,11 @@ class CategoryQueries(nn.Module):
         self.register_buffer("encoded", encoded, persistent=False)
 
     def forward(self) -> torch.Tensor:
-        """The encoded category queries [C, D] (the embedding module is called, not read:
-        ZeRO-3 gathers parameters on module calls)."""
+        """The encoded category queries [C, D] (the table module is called, not read: ZeRO-3
+        gathers parameters on module calls)."""
         if getattr(self, "encoded", None) is not None:
             return self.encoded
-        ids = torch.arange(self.embedding.num_embeddings, device=self.embedding.weight.device)
-        q = self.norm(self.proj(self.embedding(ids)))
+        q = self.norm(self.proj(self.embedding()))
         if self.correlation == "tree" and self.tree_parent.numel():
             q = tree_construction(
                 q,
