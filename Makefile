@@ -30,6 +30,11 @@ $(WORDNET_STAMP): | $(STAMP)
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: WordNet mammals -> embeddings -> synthetic shards -> CQ-DINO stage 1 and 2 on a
+# local Ray cluster (2 DeepSpeed workers) -> evaluation and charts, under runs/demo.
+demo: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m cluster.demo $(DEMO_ARGS)
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -14,8 +14,9 @@ widths: d 256, 6 + 6 layers, 900 queries, 8 heads):
 Each (classifier, C) runs in a fresh process: parameters, one inference forward (median time of
 3; CQ-DINO in its inference form, `CategoryQueries.freeze_for_inference`: the encoded [C, 256]
 queries replace the [C, 768] table, its projection and the tree pass) and one training step (forward, backward, AdamW step) on one image, peak resident memory of
-each. Per-category figures are slopes against the smallest vocabulary, so the shared detector
-cancels out. A case whose estimated training memory exceeds `--limit-gb` is not run.
+each, counted from after the model is built (VmHWM reset), so it covers the model held plus
+the work. Per-category figures are slopes against the smallest vocabulary, so the shared
+detector cancels out. A case whose estimated training memory exceeds `--limit-gb` is not run.
 """
 
 from __future__ import annotations
@@ -66,7 +67,22 @@ def build(kind: str, n: int):
     return build_model(cfg, ids.tolist(), tax)
 
 
+def reset_peak() -> None:
+    """Start the peak-memory count afresh (Linux: writing 5 to clear_refs resets VmHWM), so
+    the figure covers the measured work and the model it holds, not how it was built."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_gb() -> float:
+    """Peak resident memory since the last `reset_peak` (VmHWM), GiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -83,6 +99,7 @@ def child(kind: str, n: int, image: int, mode: str) -> dict:
         model.eval()
         if kind != "dino":  # the inference form: encoded category queries only
             model.category_queries.freeze_for_inference()
+        reset_peak()
         times = []
         with torch.no_grad():
             for _ in range(3):
@@ -99,6 +116,7 @@ def child(kind: str, n: int, image: int, mode: str) -> dict:
             }
         ]
         optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        reset_peak()
         start = time.perf_counter()
         losses = criterion(model(images, masks, targets), targets)
         criterion.weighted_sum(losses).backward()

@@ -1,8 +1,14 @@
-"""The training function under a real 2-worker Ray Train TorchTrainer on a local Ray instance."""
+"""The training function under a real 2-worker Ray Train TorchTrainer on a local Ray instance,
+and its recovery when a worker is killed."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -29,3 +35,52 @@ def test_engine_runs_as_two_ray_train_workers(local_ray, dataset, tmp_path):  # 
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert all(m["world_size"] == 2 for m in lines)  # the workers formed one process group
     assert (tmp_path / "ray" / "checkpoints" / "step_00000004").is_dir()
+
+
+def train_worker_pids() -> list[int]:
+    """Processes of live Ray Train workers (Ray titles them `ray::RayTrainWorker...`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if title.startswith("ray::RayTrainWorker"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_killed_worker_is_restarted_and_the_run_resumes(local_ray, dataset, tmp_path):  # noqa: F811
+    out = tmp_path / "killed"
+    cfg = yaml.safe_load(
+        config(dataset, out, zero_stage=2, steps=8, checkpoint_every=2).read_text()
+    )
+    killed: list[int] = []
+
+    def kill_at_step_three():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            metrics = out / "metrics.jsonl"
+            steps = (
+                [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+                if metrics.is_file()
+                else []
+            )
+            pids = train_worker_pids()
+            if steps and max(steps) >= 3 and pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_at_step_three, daemon=True)
+    watcher.start()
+    result = run_training_stage(
+        cfg, num_workers=2, storage_path=str(tmp_path / "ray_results"), max_failures=1
+    )
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed: the test did not exercise recovery"
+    assert result.error is None
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(steps) == set(range(1, 9)) and steps[-1] == 8
+    assert (out / "checkpoints" / "step_00000008").is_dir()
