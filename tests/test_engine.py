@@ -31,14 +31,17 @@ def dataset(tmp_path_factory):
     )
     save_taxonomy(tax, root / "tax.json")
     cfg = SynthConfig(
-        num_train=24, num_val=5, min_side=64, max_side=96, min_objects=0, max_objects=2, seed=3
+        num_train=24, num_val=0, min_side=64, max_side=96, min_objects=0, max_objects=2, seed=3
     )
-    records = make_records(tax, cfg)
-    renderer = SyntheticRenderer(tax, cfg)
+    val_cfg = SynthConfig(
+        num_train=0, num_val=5, min_side=64, max_side=96, min_objects=0, max_objects=2, seed=4
+    )
+    records = {"train": make_records(tax, cfg)["train"], "val": make_records(tax, val_cfg)["val"]}
+    renderers = {"train": SyntheticRenderer(tax, cfg), "val": SyntheticRenderer(tax, val_cfg)}
     for split, per_shard in (("train", 8), ("val", 4)):  # val: uneven shards of 4 and 1
         write_shards(
             records[split],
-            renderer,
+            renderers[split],
             root / split,
             max_samples=per_shard,
             workers=1,
@@ -47,7 +50,7 @@ def dataset(tmp_path_factory):
         )
     (root / "images").mkdir()
     for record in records["val"]:
-        (root / "images" / f"{record.image_id}.png").write_bytes(renderer(record))
+        (root / "images" / f"{record.image_id}.png").write_bytes(renderers["val"](record))
     return root
 
 
@@ -226,13 +229,15 @@ def check_eval_and_predict(dataset: Path, tmp_path: Path, run_dir: Path, exporte
 def test_two_ranks_train_under_zero(dataset, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
     metrics = run(
-        config(dataset, out, evaluate=True, zero_stage=stage, steps=10, checkpoint_every=10),
+        config(dataset, out, evaluate=True, zero_stage=stage, steps=20, checkpoint_every=20),
         world=2,
     )
     losses = [m["loss"] for m in metrics]
-    assert len(losses) == 10 and all(l == l for l in losses)  # noqa: E741 - finite, no NaN
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
-    shards = sorted(p.name for p in (out / "checkpoints" / "step_00000010").iterdir())
+    assert len(losses) == 20 and all(l == l for l in losses)  # noqa: E741 - finite, no NaN
+    # batches differ step to step (half the images are empty) and denoising noise is fresh:
+    # compare the means of the first and last quarters
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    shards = sorted(p.name for p in (out / "checkpoints" / "step_00000020").iterdir())
     assert any("zero_pp_rank_1" in name for name in shards), (
         shards
     )  # both ranks hold a ZeRO partition
