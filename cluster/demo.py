@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from vastdet.cli import configure_logging
 
     configure_logging()
+    args.workdir = args.workdir.resolve()  # Ray workers run in folders of their own
     start = time.perf_counter()
     paths = prepare_data(args.workdir, args.under, args.train, args.val, args.clip_checkpoint)
     prepared = time.perf_counter() - start

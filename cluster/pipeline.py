@@ -51,6 +51,25 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     return load_config(path, PipelineConfig)
 
 
+PATH_KEYS = {
+    "data": ("train_shards", "val_shards", "categories"),
+    "model": ("backbone_weights", "category_embeddings", "init_from"),
+}
+
+
+def absolute_paths(stage: dict) -> dict:
+    """Relative paths made absolute from this process's folder: Ray workers run in folders of
+    their own, where a relative path names nothing."""
+    out = {**stage, "output_dir": os.path.abspath(stage["output_dir"])}
+    for section, keys in PATH_KEYS.items():
+        part = dict(out[section])
+        for key in keys:
+            if part.get(key):
+                part[key] = os.path.abspath(part[key])
+        out[section] = part
+    return out
+
+
 def finished(cfg: TrainConfig) -> bool:
     """True when the run's newest complete checkpoint is at its final step."""
     tags = checkpoints.complete_tags(Path(cfg.output_dir) / "checkpoints")
@@ -71,7 +90,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         else:
             storage = cfg.storage_path or str(Path(stage.output_dir).resolve().parent / "ray")
             result = run_training_stage(
-                dataclasses.asdict(stage),
+                absolute_paths(dataclasses.asdict(stage)),
                 cfg.num_workers,
                 cfg.use_gpu,
                 storage,

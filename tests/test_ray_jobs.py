@@ -63,3 +63,20 @@ def test_pipeline_runs_as_a_submitted_ray_job(ray_cluster, dataset, tmp_path):  
     # stage 2 started from stage 1: the pipeline filled in init_from
     saved = json.loads((tmp_path / "s2" / "config.json").read_text())
     assert saved["model"]["init_from"] == str(tmp_path / "s1")
+
+
+def test_relative_paths_reach_ray_workers_as_absolute_ones(tmp_path, monkeypatch):
+    from cluster.pipeline import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    stage = {
+        "output_dir": "runs/s2",
+        "data": {"train_shards": "shards/train", "val_shards": None, "categories": "/t.json"},
+        "model": {"init_from": "runs/s1", "backbone_weights": None, "category_embeddings": None},
+    }
+    out = absolute_paths(stage)
+    assert out["output_dir"] == str(tmp_path / "runs/s2")
+    assert out["data"]["train_shards"] == str(tmp_path / "shards/train")
+    assert out["data"]["categories"] == "/t.json" and out["data"]["val_shards"] is None
+    assert out["model"]["init_from"] == str(tmp_path / "runs/s1")
+    assert stage["output_dir"] == "runs/s2"  # the caller's config is left as it was
