@@ -221,21 +221,7 @@ class CQDINO(SelectionMixin, DeformableDetector):
                 self.box_noise,
                 num_classes=rows.shape[1],
             )
-        heads = [self.bbox_head] * len(self.transformer.decoder)
-        out = self.transformer(
-            feats,
-            level_masks,
-            positions,
-            self.class_logits,
-            heads,
-            self.enc_bbox_head,
-            *(dn[:3] if dn is not None else (None, None, None)),
-            categories=selected,
-        )
-        fused = out["categories"]
-        logits = [self.class_logits(h, i, categories=fused) for i, h in enumerate(out["hs"])]
-        enc_logits = self.class_logits(out["enc_tokens"], -1, categories=fused)
-        result = self.detection_outputs(out, logits, enc_logits, dn)
+        result = self.detect(feats, level_masks, positions, dn, categories=selected)
         result.update(self.selection_outputs(sel_logits, rows))
         return result
 

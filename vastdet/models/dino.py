@@ -116,8 +116,24 @@ class DeformableDetector(nn.Module):
             [self.position(m).to(f.dtype) for f, m in zip(feats, level_masks)],
         )
 
-    def detection_outputs(self, out: dict, logits: list[torch.Tensor], enc_logits, dn) -> dict:
-        """Per-layer outputs with denoising slots split off (see DINO.forward's result)."""
+    def detect(self, feats, level_masks, positions, dn, categories=None) -> dict:
+        """The transformer and the heads: per-layer outputs with denoising slots split off.
+        `class_logits` is the subclass's classifier; `categories` [B, K, D] (CQ-DINO) are fused
+        by the transformer and classified against."""
+        heads = [self.bbox_head] * len(self.transformer.decoder)  # shared by all layers (DINO)
+        out = self.transformer(
+            feats,
+            level_masks,
+            positions,
+            self.class_logits,
+            heads,
+            self.enc_bbox_head,
+            *(dn[:3] if dn is not None else (None, None, None)),
+            categories=categories,
+        )
+        fused = out["categories"]
+        logits = [self.class_logits(h, i, categories=fused) for i, h in enumerate(out["hs"])]
+        enc_logits = self.class_logits(out["enc_tokens"], -1, categories=fused)
         pad = dn[3].pad_size if dn is not None else 0
         layers = [
             {"pred_logits": lg[:, pad:], "pred_boxes": bx[:, pad:]}
@@ -177,17 +193,6 @@ class DINO(DeformableDetector):
                 self.label_noise,
                 self.box_noise,
             )
-        heads = [self.bbox_head] * len(self.transformer.decoder)  # shared by all layers (DINO)
-        out = self.transformer(
-            feats,
-            level_masks,
-            positions,
-            self.class_logits,
-            heads,
-            self.enc_bbox_head,
-            *(dn[:3] if dn is not None else (None, None, None)),
-        )
-        logits = [self.class_logits(h, i) for i, h in enumerate(out["hs"])]
-        result = self.detection_outputs(out, logits, self.class_logits(out["enc_tokens"], -1), dn)
+        result = self.detect(feats, level_masks, positions, dn)
         result["category_ids"] = self.category_ids
         return result
