@@ -84,12 +84,18 @@ def load_model(path: str | os.PathLike):
     return load_exported(path)
 
 
-def load_exported(path: str | os.PathLike):
-    """(model in eval mode, postprocessor, config dict) from an exported file, no DeepSpeed."""
+def read_exported(path: str | os.PathLike) -> dict:
+    """An exported file's payload; names a file that is not one."""
     # weights_only: an exported model is data a user hands us, never code to run
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
+    return payload
+
+
+def load_exported(path: str | os.PathLike):
+    """(model in eval mode, postprocessor, config dict) from an exported file, no DeepSpeed."""
+    payload = read_exported(path)
     return _model_from_state(payload["model"], json.loads(payload["config"]), str(path))
 
 
@@ -101,10 +107,7 @@ def load_weights_from(model: torch.nn.Module, source: str | os.PathLike) -> int:
     if Path(source).is_dir():
         state, _, _ = consolidated_state(source)
     else:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{source} is not a vastdet exported model or run folder")
-        state = payload["model"]
+        state = read_exported(source)["model"]
     own = model.state_dict()
     missing = [k for k in state if k not in own]
     if missing:

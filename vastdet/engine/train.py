@@ -322,10 +322,8 @@ def _evaluate(engine, post, cfg: TrainConfig, rank: int) -> dict | None:
     rank 0 writes `eval/metrics.json` and `eval/results.json` and returns the metrics."""
     from pipelines.shards import ShardSet
     from pipelines.transforms import build_transforms
-    from vastdet.evaluation.runner import evaluate_model, find_taxonomy, format_metrics, write_json
+    from vastdet.evaluation.runner import evaluate_model, find_taxonomy, format_metrics
 
-    if post is not None:
-        post.max_detections = max(post.max_detections, cfg.eval.max_dets[-1])
     shards = ShardSet.open(cfg.data.val_shards)
     taxonomy = find_taxonomy(cfg.data.categories, shards.manifest.get("categories_file"))
     engine.eval()
@@ -338,13 +336,12 @@ def _evaluate(engine, post, cfg: TrainConfig, rank: int) -> dict | None:
         cfg.eval,
         engine.device,
         taxonomy,
+        Path(cfg.output_dir) / "eval",
     )
     engine.train()
     if rank != 0 or out is None:
         return None
-    metrics, results = out
-    write_json(Path(cfg.output_dir) / "eval" / "metrics.json", metrics)
-    write_json(Path(cfg.output_dir) / "eval" / "results.json", results)
+    metrics = out[0]
     log.info("evaluation at step %d:\n%s", cfg.steps, format_metrics(metrics))
     return metrics
 

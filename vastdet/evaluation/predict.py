@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pipelines.loader import collate, padding_masks, target_from_meta
-from pipelines.transforms import TransformConfig, build_transforms, decode_image_bytes
+from pipelines.transforms import decode_image_bytes
 
 
 def load_image(path: Path, image_id: int) -> tuple[torch.Tensor, dict]:
@@ -40,21 +40,15 @@ def predict_images(
 ) -> list[dict]:
     """COCO result dicts (image_id = position in `images`, plus `file_name`) written to
     `output`; with `draw_dir`, one PNG per image with the detections scoring >= draw_threshold."""
-    from vastdet.config import from_dict
     from vastdet.engine.export import load_model
-    from vastdet.evaluation.runner import find_taxonomy, write_json
+    from vastdet.evaluation.runner import eval_transforms, find_taxonomy, write_json
 
     model, post, config = load_model(model_path)
     if post is None:
         raise ValueError(
             f"{model_path} is a stage-1 category selector: it ranks categories, it has no boxes"
         )
-    transforms = build_transforms(
-        from_dict(
-            TransformConfig, config["data"]["transforms"], str(model_path), "data.transforms"
-        ),
-        train=False,
-    )
+    transforms = eval_transforms(config, str(model_path))
     device = next(model.parameters()).device
     paths = [Path(p) for p in images]
     results: list[dict] = []

@@ -155,10 +155,15 @@ def evaluate_model(
     cfg: EvalConfig,
     device: torch.device | str = "cpu",
     taxonomy=None,
+    output_dir: str | os.PathLike | None = None,
 ) -> tuple[dict[str, float], list[dict]] | None:
-    """(metrics, detections) on rank 0, None elsewhere. Every rank must call this."""
+    """(metrics, detections) on rank 0, None elsewhere; rank 0 also writes `metrics.json` and
+    `results.json` to `output_dir` when given. Every rank must call this. The postprocessor
+    keeps at least the protocol's detections per image."""
     from pipelines.loader import eval_loader
 
+    if post is not None:
+        post.max_detections = max(post.max_detections, cfg.max_dets[-1])
     loader = eval_loader(val_shards, cfg.batch_size, transforms, cfg.num_workers)
     results, images, annotations, recall = predict_pass(forward, loader, post, device)
     if loader.skipped():
@@ -176,7 +181,19 @@ def evaluate_model(
         metrics = score(results, images, annotations, category_ids, cfg.protocol, taxonomy)
     if present:
         metrics["AR_C"] = selected / present  # ground-truth categories kept by the selection
+    if output_dir is not None:
+        write_json(Path(output_dir) / "metrics.json", metrics)
+        write_json(Path(output_dir) / "results.json", results)
     return metrics, results
+
+
+def eval_transforms(config: dict, source: str) -> Callable:
+    """The evaluation transforms of a run's saved configuration."""
+    from pipelines.transforms import TransformConfig, build_transforms
+    from vastdet.config import from_dict
+
+    transforms = from_dict(TransformConfig, config["data"]["transforms"], source, "data.transforms")
+    return build_transforms(transforms, train=False)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -199,8 +216,6 @@ def run_eval(
     Runs as one process or under any launcher (every rank holds the whole model and reads its
     share of the shards); rank 0 writes `metrics.json` and `results.json` to `output_dir`."""
     from pipelines.shards import ShardSet
-    from pipelines.transforms import TransformConfig, build_transforms
-    from vastdet.config import from_dict
     from vastdet.engine.export import load_model
     from vastdet.engine.train import _prepare_deepspeed, init_distributed
 
@@ -208,28 +223,24 @@ def run_eval(
         raise FileNotFoundError(f"no category file {categories}")
     rank, _ = init_distributed(_prepare_deepspeed())
     model, post, config = load_model(model_path)
-    if post is not None:
-        post.max_detections = max(post.max_detections, cfg.max_dets[-1])
-    transforms = build_transforms(
-        from_dict(
-            TransformConfig, config["data"]["transforms"], str(model_path), "data.transforms"
-        ),
-        train=False,
-    )
+    transforms = eval_transforms(config, str(model_path))
     shards = ShardSet.open(val_shards)
     taxonomy = find_taxonomy(
         categories, config["data"].get("categories"), shards.manifest.get("categories_file")
     )
     device = next(model.parameters()).device
     out = evaluate_model(
-        model, post, model.category_ids.tolist(), shards, transforms, cfg, device, taxonomy
+        model,
+        post,
+        model.category_ids.tolist(),
+        shards,
+        transforms,
+        cfg,
+        device,
+        taxonomy,
+        output_dir,
     )
-    if rank != 0 or out is None:
-        return None
-    metrics, results = out
-    write_json(Path(output_dir) / "metrics.json", metrics)
-    write_json(Path(output_dir) / "results.json", results)
-    return metrics
+    return out[0] if rank == 0 and out is not None else None
 
 
 def find_taxonomy(*candidates: str | os.PathLike | None):
