@@ -71,8 +71,19 @@ def ancestor_mask(
     return (marks > 0) & ~present
 
 
-def _edges(parts: list[np.ndarray]) -> torch.Tensor:
-    return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=torch.int64)
+def hierarchy_edges(hierarchy) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(parent [E], child [E], edges per level) of a `taxonomy.CategoryHierarchy`, levels
+    deepest parents first: what `tree_construction` and `ancestor_mask` walk."""
+    levels = hierarchy.levels
+
+    def cat(parts: list[np.ndarray]) -> torch.Tensor:
+        return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=torch.int64)
+
+    return (
+        cat([lv.parent for lv in levels]),
+        cat([lv.child for lv in levels]),
+        [len(lv.parent) for lv in levels],
+    )
 
 
 class QueryTable(nn.Module):
@@ -135,10 +146,8 @@ class CategoryQueries(nn.Module):
 
     def set_hierarchy(self, hierarchy) -> None:
         """Edge and alpha buffers from a `taxonomy.CategoryHierarchy` in the same row order."""
-        levels = hierarchy.levels
-        self.tree_parent = _edges([lv.parent for lv in levels])
-        self.tree_child = _edges([lv.child for lv in levels])
-        self.tree_level_sizes = torch.tensor([len(lv.parent) for lv in levels], dtype=torch.int64)
+        self.tree_parent, self.tree_child, sizes = hierarchy_edges(hierarchy)
+        self.tree_level_sizes = torch.tensor(sizes, dtype=torch.int64)
         self.tree_alpha = torch.as_tensor(hierarchy.alpha, dtype=torch.float32)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vastdet.models.box_ops import cxcywh_to_xyxy, elementwise_generalized_box_iou
-from vastdet.models.category_queries import ancestor_mask
+from vastdet.models.category_queries import ancestor_mask, hierarchy_edges
 from vastdet.models.cq_dino import selection_targets, slot_of
 from vastdet.models.dino import label_columns
 from vastdet.models.losses import asymmetric_loss, sigmoid_focal_loss
@@ -71,22 +71,22 @@ class SelectionCriterion(nn.Module):
         super().__init__()
         self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
         self.weights = {"loss_sel": 1.0}
-        self.levels: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.parent = self.child = None  # the hierarchy's edges, deepest parents first
+        self.level_sizes: list[int] = []
         if hierarchy is not None:  # a taxonomy.CategoryHierarchy in the model's row order
-            self.levels = [
-                (torch.as_tensor(lv.parent), torch.as_tensor(lv.child)) for lv in hierarchy.levels
-            ]
+            self.parent, self.child, self.level_sizes = hierarchy_edges(hierarchy)
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         logits, cats = outputs["selection_logits"], outputs["all_category_ids"]
         present = selection_targets(targets, cats, logits.shape[1])
         mask = None
-        if self.levels:
-            if self.levels[0][0].device != logits.device:
-                self.levels = [(p.to(logits.device), c.to(logits.device)) for p, c in self.levels]
-            parent = torch.cat([p for p, _ in self.levels])
-            child = torch.cat([c for _, c in self.levels])
-            mask = ancestor_mask(present, parent, child, [len(p) for p, _ in self.levels])
+        if self.level_sizes:
+            if self.parent.device != logits.device:
+                self.parent, self.child = (
+                    self.parent.to(logits.device),
+                    self.child.to(logits.device),
+                )
+            mask = ancestor_mask(present, self.parent, self.child, self.level_sizes)
         loss = asymmetric_loss(
             logits, present.to(logits.dtype), self.gamma_neg, self.gamma_pos, self.clip, mask
         )
