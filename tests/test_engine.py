@@ -87,9 +87,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(config_path: Path, world: int = 1) -> list[dict]:
-    """Run `python -m vastdet.engine.train` as `world` ranks; returns the metrics lines."""
-    env_base = {
+def launch(args: list[str], world: int) -> list[str]:
+    """`python -m ARGS` as `world` ranks on loopback; every rank must exit 0. Their outputs."""
+    env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
@@ -99,8 +99,8 @@ def run(config_path: Path, world: int = 1) -> list[dict]:
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "vastdet.engine.train", "--config", str(config_path)],
-            env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            [sys.executable, "-m", *args],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -111,6 +111,12 @@ def run(config_path: Path, world: int = 1) -> list[dict]:
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def run(config_path: Path, world: int = 1) -> list[dict]:
+    """Run `python -m vastdet.engine.train` as `world` ranks; returns the metrics lines."""
+    launch(["vastdet.engine.train", "--config", str(config_path)], world)
     cfg = yaml.safe_load(config_path.read_text())
     return [
         json.loads(line)
@@ -151,30 +157,10 @@ def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
 
 def eval_command(model: Path, val: Path, out: Path, world: int) -> dict:
     """`vastdet eval` as `world` processes; rank 0's metrics.json."""
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-    }
-    args = [sys.executable, "-m", "vastdet.cli", "eval", str(model), "--shards", str(val)]
+    args = ["vastdet.cli", "eval", str(model), "--shards", str(val)]
     args += ["-o", str(out), "--batch-size", "1", "--workers", "1"]
-    procs = [
-        subprocess.Popen(
-            args,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        output = p.communicate(timeout=300)[0]
-        assert p.returncode == 0, output[-3000:]
-    assert "AP50" in output or world > 1
+    outputs = launch(args, world)
+    assert "AP50" in outputs[-1] or world > 1
     return json.loads((out / "metrics.json").read_text())
 
 
