@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 from collections import Counter
@@ -30,8 +31,10 @@ import torch
 import webdataset as wds
 
 from pipelines.boxes import xywh_to_xyxy
+from pipelines.buffers import BufferPool, SlotViews, pipe_sender, uint8_view
 from pipelines.sampling import DEFAULT_THRESHOLD, category_repeat_factors, repeat_stream
 from pipelines.shards import ShardSet
+from pipelines.tarstream import tar_samples
 from pipelines.transforms import decode_image_bytes
 
 log = logging.getLogger(__name__)
@@ -82,34 +85,36 @@ class SkipCounter:
         )
 
 
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; inside a loader worker, allocated in shared memory.
+def fill_batch(hwc: torch.Tensor, images: Sequence[torch.Tensor]) -> None:
+    """Copy [3, h, w] images into the top-left of an [B, H, W, 3] buffer; zero the padding.
 
-    A tensor sent from a worker is otherwise copied into shared memory when it is pickled:
-    for image batches that copy costs more than decoding (torch's default_collate avoids it the
-    same way).
-    """
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-
-
-def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
-    """Pad images to the largest height and width in the batch (padding is zero).
-
-    Pixels are copied row-contiguously into an [B, H, W, 3] buffer (the layout the copy is
-    fastest in); `images` is its [B, 3, H, W] view. The padding mask is built from the targets'
-    sizes where the batch is used (`padding_masks`), not shipped between processes.
-    """
-    h = max(img.shape[1] for img, _ in samples)
-    w = max(img.shape[2] for img, _ in samples)
-    hwc = _batch_buffer((len(samples), h, w, 3))
-    for i, (img, _) in enumerate(samples):
+    Row-contiguous HWC is the layout the copy is fastest in (decoded images are HWC in memory);
+    a reused buffer holds the previous batch's pixels, so the padding is zeroed explicitly."""
+    for i, img in enumerate(images):
         ih, iw = img.shape[1:]
         hwc[i, :ih, :iw] = img.permute(1, 2, 0)
         hwc[i, ih:] = 0
         hwc[i, :ih, iw:] = 0
+
+
+def batch_shape(images: Sequence[torch.Tensor]) -> tuple[int, int, int, int]:
+    """[B, H, W, 3]: the largest height and width in the batch."""
+    return (
+        len(images),
+        max(img.shape[1] for img in images),
+        max(img.shape[2] for img in images),
+        3,
+    )
+
+
+def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
+    """Pad images to the largest height and width in the batch (padding is zero), in fresh
+    memory. `images` is the [B, 3, H, W] view of an [B, H, W, 3] buffer; the padding mask is
+    built where the batch is used (`padding_masks`). The streaming loaders collate into reused
+    buffers instead (`pipelines.buffers`)."""
+    images = [img for img, _ in samples]
+    hwc = torch.empty(batch_shape(images), dtype=torch.uint8)
+    fill_batch(hwc, images)
     return Batch(hwc.permute(0, 3, 1, 2), None, [t for _, t in samples])
 
 
@@ -155,25 +160,31 @@ def target_from_meta(meta: dict) -> dict:
     }
 
 
-def _pack(batch: Batch) -> Batch:
-    """The form a batch crosses from a loader worker in: one shared-memory tensor (the pixels)
-    and targets as numpy arrays, pickled inline. Each tensor sent between processes costs a
-    shared-memory segment of its own, and a batch's targets hold dozens."""
-    targets = [
-        {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-        for t in batch.targets
-    ]
-    return Batch(batch.images, None, targets, batch.empty, batch.skipped)
+@dataclass
+class _Packed:
+    """The form a batch crosses from its producer in: the pixels stay in a reused slot
+    (`pipelines.buffers`), whose storage travels only on the slot's first use; targets are
+    numpy arrays pickled inline (each tensor sent between processes would cost a
+    shared-memory segment of its own, and a batch's targets hold dozens)."""
+
+    producer: int
+    slot: int
+    storage: torch.UntypedStorage | None
+    retired: list[int]
+    shape: tuple[int, int, int, int]
+    targets: list[dict]
+    skipped: dict
 
 
-def _unpack(batch: Batch) -> Batch:
-    """Back to tensors, with the padding mask."""
+def _unpack(packed: _Packed, views: SlotViews) -> Batch:
+    """Back to a `Batch` with tensors and the padding mask."""
+    hwc = views.pixels(packed.producer, packed.slot, packed.storage, packed.retired, packed.shape)
     targets = [
         {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in t.items()}
-        for t in batch.targets
+        for t in packed.targets
     ]
-    masks = padding_masks(targets, *batch.images.shape[-2:])
-    return Batch(batch.images, masks, targets, batch.empty, batch.skipped)
+    images = hwc.permute(0, 3, 1, 2)
+    return Batch(images, padding_masks(targets, *images.shape[-2:]), targets, False, packed.skipped)
 
 
 class _Stages:
@@ -185,6 +196,8 @@ class _Stages:
         self.seed, self.rank = seed, rank
         self.counter = SkipCounter()
         self._rng: random.Random | None = None
+        self._pool: BufferPool | None = None
+        self.returns: list = []  # per loader worker: the read end of its slot-return pipe
 
     @property
     def rng(self) -> random.Random:
@@ -237,11 +250,43 @@ class _Stages:
                 continue
             yield self.transforms(image, target, self.rng)
 
+    @property
+    def pool(self) -> BufferPool:
+        """This process's buffer pool: shared memory in a loader worker (made there, reading
+        slots given back on the worker's own pipe), plain memory in-process."""
+        if self._pool is None or self._pool.pid != os.getpid():
+            info = torch.utils.data.get_worker_info()
+            if info is None:
+                self._pool = BufferPool(shared=False)
+            else:
+                self._pool = BufferPool(shared=True, returns=self.returns[info.id])
+        return self._pool
+
     def batches(self, samples, batch_size: int, partial: bool):
+        """Batches of `batch_size` (and a last smaller one if `partial`). A full batch is sent
+        when the next sample arrives or the stream ends, so that its skip counts include every
+        sample skipped before then (at the end of an evaluation pass, the last ones)."""
+        group: list = []
+        for sample in samples:
+            if len(group) == batch_size:
+                yield self.pack(group)
+                group = []
+            group.append(sample)
+        if group and (partial or len(group) == batch_size):
+            yield self.pack(group)
+
+    def pack(self, samples: list[tuple[torch.Tensor, dict]]) -> _Packed:
         worker, _ = worker_id_and_count()
-        for batch in wds.batched(batch_size, collation_fn=collate, partial=partial)(samples):
-            batch.skipped = {worker: dict(self.counter.counts)}
-            yield _pack(batch)
+        images = [img for img, _ in samples]
+        shape = batch_shape(images)
+        slot, storage, new, retired = self.pool.take(math.prod(shape))
+        fill_batch(uint8_view(storage, shape), images)
+        targets = [
+            {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for _, t in samples
+        ]
+        skipped = {worker: dict(self.counter.counts)}
+        return _Packed(worker, slot, storage if new else None, retired, shape, targets, skipped)
 
     def tar_handler(self, err: Exception) -> bool:
         self.counter.counts["unreadable shard data"] += 1
@@ -250,10 +295,13 @@ class _Stages:
 
 
 class _Loader:
-    """Iterates a DataLoader over the stream and sums the skip counts its workers report."""
+    """Iterates a DataLoader over the stream, turns packed batches into `Batch`es, gives their
+    pixel slots back to the producing worker once they are freed, and sums the skip counts the
+    workers report."""
 
-    def __init__(self, loader, num_batches: int, pad_to: int | None = None):
+    def __init__(self, loader, stages: _Stages | None, num_batches: int, pad_to: int | None = None):
         self.loader = loader
+        self.stages = stages
         self.num_batches = num_batches
         self.pad_to = pad_to
         self._skipped: dict[int, dict] = {}
@@ -262,14 +310,27 @@ class _Loader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
+        workers = getattr(self.loader, "num_workers", 0)
+        pipes = [multiprocessing.Pipe(duplex=False) for _ in range(workers)]
+        if self.stages is not None:  # read by the workers, which start with this iteration
+            self.stages.returns = [reader for reader, _ in pipes]
+            give_back = {w: pipe_sender(writer) for w, (_, writer) in enumerate(pipes)}
+            if not workers:
+                give_back = {0: self.stages.pool.release}
+        views = SlotViews(give_back if self.stages is not None else {})
         produced = 0
-        for packed in self.loader:
-            batch = _unpack(packed)
-            self._skipped.update(batch.skipped)
-            produced += 1
-            yield batch
-            if produced == self.num_batches:
-                break
+        try:
+            for packed in self.loader:
+                batch = _unpack(packed, views)
+                self._skipped.update(batch.skipped)
+                produced += 1
+                yield batch
+                if produced == self.num_batches:
+                    break
+        finally:
+            for reader, writer in pipes:
+                reader.close()
+                writer.close()
         while produced < (self.pad_to or 0):
             produced += 1
             yield empty_batch()
@@ -335,14 +396,14 @@ def train_loader(
         wds.ResampledShards(
             shards.urls, seed=base_seed & 0x7FFFFFFF, worker_seed=shard_seed, deterministic=True
         ),
-        wds.tarfile_to_samples(handler=stages.tar_handler),
+        lambda sources: tar_samples(sources, stages.tar_handler, max(10, 2 * len(shards.urls))),
         stages.parse,
         lambda samples: repeat_stream(samples, factors, stages.rng) if factors else samples,
         lambda samples: stages.shuffle(samples, shuffle_buffer),
         stages.decode,
         lambda samples: stages.batches(samples, batch_size, partial=False),
     )
-    return _Loader(_data_loader(pipeline, num_workers), batches_per_epoch)
+    return _Loader(_data_loader(pipeline, num_workers), stages, batches_per_epoch)
 
 
 def deal_shards(samples_per_shard: Sequence[int], world_size: int) -> list[list[int]]:
@@ -389,13 +450,13 @@ def eval_loader(
     urls = [shards.urls[i] for i in dealt[rank]]
     stages = _Stages(transforms, 0, rank, keep_annotations=True)
     if not urls:
-        return _Loader([], 0, pad_to=max(counts))
+        return _Loader([], None, 0, pad_to=max(counts))
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=stages.tar_handler),
+        lambda sources: tar_samples(sources, stages.tar_handler),
         stages.parse,
         stages.decode,
         lambda samples: stages.batches(samples, batch_size, partial=True),
     )
-    return _Loader(_data_loader(pipeline, workers), counts[rank], pad_to=max(counts))
+    return _Loader(_data_loader(pipeline, workers), stages, counts[rank], pad_to=max(counts))

@@ -16,9 +16,11 @@ from pipelines.boxes import cxcywh_to_xyxy
 from pipelines.loader import eval_loader, train_loader
 from pipelines.shards import MANIFEST, FileImageReader, ShardSet, write_shards
 from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records, write_coco
+from pipelines.tarstream import tar_samples
 from pipelines.transforms import (
     TransformConfig,
     build_transforms,
+    decode_image_bytes,
     no_augmentation,
 )
 from taxonomy import Node, Taxonomy
@@ -236,3 +238,51 @@ def test_corrupt_image_and_bad_json_are_skipped_and_counted(tmp_path):
         world_size=1,
     )
     assert len(list(training)) == 3 and training.skipped()["corrupt image"] >= 1
+
+
+def _decoded_by_id(shards: ShardSet) -> dict[int, torch.Tensor]:
+    out = {}
+    for sample in tar_samples([{"url": u} for u in shards.urls], handler=lambda err: False):
+        out[json.loads(sample["json"])["image_id"]] = decode_image_bytes(sample["jpg"])
+    return out
+
+
+def _check_pixels(batch, decoded):
+    for k, target in enumerate(batch.targets):
+        image = decoded[target["image_id"]]
+        h, w = image.shape[1:]
+        assert torch.equal(batch.images[k, :, :h, :w], image)
+        assert not batch.images[k, :, h:].any() and not batch.images[k, :, :, w:].any()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_kept_keep_their_pixels_and_freed_slots_are_reused(uneven_shards, workers):
+    """Pixel buffers are reused once a batch is freed: a kept batch is never overwritten, a
+    freed one's slot comes back (few distinct buffers over many batches), padding is zero
+    although the slot held a larger image before."""
+    shards, _ = uneven_shards
+    decoded = _decoded_by_id(shards)
+
+    def loader(batches):
+        return train_loader(
+            shards,
+            3,
+            batches,
+            no_augmentation(),
+            shuffle_buffer=4,
+            repeat_threshold=None,
+            num_workers=workers,
+            rank=0,
+            world_size=1,
+        )
+
+    kept = list(loader(12))  # every batch held: none may be written over
+    assert len({b.images.data_ptr() for b in kept}) == 12
+    for batch in kept:
+        _check_pixels(batch, decoded)
+    del kept
+    pointers = []
+    for batch in loader(40):  # each batch dropped before the next
+        _check_pixels(batch, decoded)
+        pointers.append(batch.images.data_ptr())
+    assert len(set(pointers)) <= (2 if workers == 0 else 2 * (4 + 2))
