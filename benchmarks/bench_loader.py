@@ -1,6 +1,6 @@
 """Training-loader throughput against the practical limit and a plain map-style loader.
 
-    python benchmarks/bench_loader.py [--images 480] [--batches 60]
+    python benchmarks/bench_loader.py [--images 480] [--batches 250] [--repeats 3]
 
 Data: synthetic JPEGs (COCO-like sizes, 400-640 px) written once as files + COCO JSON and as
 shards of the very same bytes. Measured in this run, on the same cores (2 loader processes):
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import random
+import statistics
 import tempfile
 import time
 from multiprocessing import Pool
@@ -53,13 +54,20 @@ def decode_torchvision(data: bytes) -> tuple[int, ...]:
     return tuple(decode_image_bytes(data).shape)
 
 
-def decode_limit(decode, blobs: list[bytes], passes: int = 2) -> float:
+def decode_limit(decode, blobs: list[bytes], images: int) -> float:
+    passes = max(1, round(images / len(blobs)))
     with Pool(2) as pool:
         pool.map(decode, blobs[:16])  # start the workers
         start = time.perf_counter()
         for _ in range(passes):
             pool.map(decode, blobs, chunksize=8)
         return passes * len(blobs) / (time.perf_counter() - start)
+
+
+def median_of(repeats: int, measure) -> float:
+    """The median of `repeats` runs: the machine's speed drifts by tens of percent between
+    runs of a second or two, and every row is measured the same way."""
+    return statistics.median(measure() for _ in range(repeats))
 
 
 class MapStyle(torch.utils.data.Dataset):
@@ -89,7 +97,8 @@ def rate(loader, batches: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=480)
-    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--batches", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is kept")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tax = Taxonomy(
@@ -110,8 +119,9 @@ def main() -> None:
             progress=False,
         )
         blobs = [(root / "coco" / "images" / r.file_name).read_bytes() for r in records]
-        limit = decode_limit(decode_pil, blobs)
-        tv_limit = decode_limit(decode_torchvision, blobs)
+        images = args.batches * BATCH
+        limit = median_of(args.repeats, lambda: decode_limit(decode_pil, blobs, images))
+        tv_limit = median_of(args.repeats, lambda: decode_limit(decode_torchvision, blobs, images))
         rows = [
             ("decode limit: PIL decode loop, 2 processes", limit, None),
             ("torchvision decode loop (the loader's decoder), 2 processes", tv_limit, None),
@@ -120,19 +130,22 @@ def main() -> None:
             ("decode only", no_augmentation()),
             ("train recipe", build_transforms(recipe, True)),
         ):
-            ours = rate(
-                train_loader(
-                    root / "shards",
-                    BATCH,
-                    args.batches + 1,
-                    transforms,
-                    shuffle_buffer=200,
-                    repeat_threshold=None,
-                    num_workers=2,
-                    rank=0,
-                    world_size=1,
+            ours = median_of(
+                args.repeats,
+                lambda transforms=transforms: rate(
+                    train_loader(
+                        root / "shards",
+                        BATCH,
+                        args.batches + 1,
+                        transforms,
+                        shuffle_buffer=200,
+                        repeat_threshold=None,
+                        num_workers=2,
+                        rank=0,
+                        world_size=1,
+                    ),
+                    args.batches,
                 ),
-                args.batches,
             )
             plain_loader = torch.utils.data.DataLoader(
                 MapStyle(records, root / "coco" / "images", transforms),
@@ -141,11 +154,14 @@ def main() -> None:
                 num_workers=2,
                 collate_fn=collate,
             )
-            plain = rate(_cycle(plain_loader), args.batches)
+            plain = median_of(
+                args.repeats, lambda loader=plain_loader: rate(_cycle(loader), args.batches)
+            )
             rows.append((f"ours, {label}", ours, plain))
             rows.append((f"map-style over files, {label}", plain, None))
     print(
-        f"{args.images} JPEGs 400-640 px, batch {BATCH}, {args.batches} timed batches, 2 CPU cores\n"
+        f"{args.images} JPEGs 400-640 px, batch {BATCH}, {args.batches} timed batches "
+        f"(median of {args.repeats} runs per row), 2 CPU cores\n"
     )
     print("| loader | images/s | vs decode limit | vs map-style (same transforms) |")
     print("|---|---|---|---|")

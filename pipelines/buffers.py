@@ -1,4 +1,4 @@
-"""Batch pixel buffers that are reused across batches instead of allocated for each one.
+"""Batch buffers (pixels and padding mask) reused across batches instead of allocated for each.
 
 A fresh [B, H, W, 3] buffer per batch is paid for in page faults (one per 4 KiB on first touch)
 in the loader worker, and again in the trainer when it maps the shared segment: for a batch of
@@ -8,12 +8,12 @@ loader worker's throughput.
 
 `BufferPool` is the producer's side (a loader worker, or the loading process itself when there
 are no workers). It owns slots of memory, shared between processes when it runs in a worker,
-and reuses them. A batch names its slot, and carries the slot's storage only the first time the
+and reuses them; a slot holds one batch's pixels and padding mask. A batch names its slot, and carries the slot's storage only the first time the
 slot is used, so each slot crosses between processes once.
 
 `SlotViews` is the consumer's side. It keeps the slots it has been sent and hands out each
-batch's pixels as a tensor over a numpy view of the slot, one view object per batch. When the
-last tensor over a batch's pixels is freed (the batch dropped, every view of it gone), a
+batch's buffer as a tensor over a numpy view of the slot, one view object per batch. When the
+last tensor over a batch's buffer is freed (the batch dropped, every view of it gone), a
 finalizer gives the slot back to its producer: directly in-process, as four bytes on a pipe
 across processes. A producer that finds no free slot allocates another, so a consumer that keeps
 any number of batches costs memory, as a fresh buffer per batch would, and never sees its pixels
@@ -22,7 +22,6 @@ overwritten or blocks a worker.
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from collections.abc import Callable
@@ -100,20 +99,21 @@ class SlotViews:
         self.give_back = give_back
         self.slots: dict[tuple[int, int], np.ndarray] = {}
 
-    def pixels(
+    def buffer(
         self,
         producer: int,
         slot: int,
         storage: torch.UntypedStorage | None,
         retired: list[int],
-        shape: tuple[int, ...],
+        nbytes: int,
     ) -> torch.Tensor:
-        """The batch's pixels (shape `shape`), valid until the last tensor over them is freed."""
+        """The batch's first `nbytes` of the slot, as a flat uint8 tensor, valid until the last
+        tensor over it is freed."""
         for old in retired:
             self.slots.pop((producer, old), None)
         if storage is not None:
             self.slots[(producer, slot)] = uint8_view(storage, (storage.nbytes(),)).numpy()
-        view = self.slots[(producer, slot)][: math.prod(shape)].reshape(shape)
+        view = self.slots[(producer, slot)][:nbytes]
         weakref.finalize(view, self.give_back[producer], slot).atexit = False
         return torch.from_numpy(view)
 

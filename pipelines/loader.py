@@ -85,46 +85,63 @@ class SkipCounter:
         )
 
 
-def fill_batch(hwc: torch.Tensor, images: Sequence[torch.Tensor]) -> None:
-    """Copy [3, h, w] images into the top-left of an [B, H, W, 3] buffer; zero the padding.
-
-    Row-contiguous HWC is the layout the copy is fastest in (decoded images are HWC in memory);
-    a reused buffer holds the previous batch's pixels, so the padding is zeroed explicitly."""
-    for i, img in enumerate(images):
-        ih, iw = img.shape[1:]
-        hwc[i, :ih, :iw] = img.permute(1, 2, 0)
-        hwc[i, ih:] = 0
-        hwc[i, :ih, iw:] = 0
-
-
-def batch_shape(images: Sequence[torch.Tensor]) -> tuple[int, int, int, int]:
-    """[B, H, W, 3]: the largest height and width in the batch."""
-    return (
+def batch_layout(images: Sequence[torch.Tensor]) -> tuple[tuple[int, int, int, int], int]:
+    """The [B, H, W, 3] pixel shape of a batch (the largest height and width) and the bytes
+    its buffer needs: the pixels, then the [B, H, W] padding mask."""
+    shape = (
         len(images),
         max(img.shape[1] for img in images),
         max(img.shape[2] for img in images),
         3,
     )
+    return shape, math.prod(shape) * 4 // 3
+
+
+def batch_views(
+    buffer: torch.Tensor, shape: tuple[int, int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [B, 3, H, W] uint8, masks [B, H, W] bool) over a flat uint8 batch buffer."""
+    b, h, w, _ = shape
+    pixels = b * h * w * 3
+    images = buffer[:pixels].view(shape).permute(0, 3, 1, 2)
+    masks = buffer[pixels : pixels + b * h * w].view(torch.bool).view(b, h, w)
+    return images, masks
+
+
+def fill_batch(
+    buffer: torch.Tensor, images: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay a batch out in a flat uint8 buffer: the [3, h, w] images padded with zeros at the
+    bottom and right, then the padding mask (True on padding). Returns `batch_views`.
+
+    Pixels are stored row-contiguously as [B, H, W, 3] (decoded images are HWC in memory, so
+    each row is one copy). A reused buffer holds an earlier batch, so padding and mask are
+    written in full. Numpy, not torch, slices: a batch is a few dozen slices, and torch's
+    per-slice overhead was a third of the copy's time."""
+    shape, _ = batch_layout(images)
+    b, h, w, _ = shape
+    flat = buffer.numpy()
+    rows = flat[: b * h * w * 3].reshape(b, h, w * 3)
+    mask = flat[b * h * w * 3 : b * h * w * 4].view(np.bool_).reshape(b, h, w)
+    for i, img in enumerate(images):
+        ih, iw = img.shape[1:]
+        rows[i, :ih, : iw * 3] = img.permute(1, 2, 0).numpy().reshape(ih, iw * 3)
+        rows[i, :ih, iw * 3 :] = 0
+        rows[i, ih:] = 0
+        mask[i, :ih, :iw] = False
+        mask[i, :ih, iw:] = True
+        mask[i, ih:] = True
+    return batch_views(buffer, shape)
 
 
 def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
-    """Pad images to the largest height and width in the batch (padding is zero), in fresh
-    memory. `images` is the [B, 3, H, W] view of an [B, H, W, 3] buffer; the padding mask is
-    built where the batch is used (`padding_masks`). The streaming loaders collate into reused
-    buffers instead (`pipelines.buffers`)."""
+    """A `Batch` in fresh memory: images padded to the largest height and width (padding is
+    zero) with their padding mask. The streaming loaders lay batches out the same way in
+    reused buffers (`pipelines.buffers`)."""
     images = [img for img, _ in samples]
-    hwc = torch.empty(batch_shape(images), dtype=torch.uint8)
-    fill_batch(hwc, images)
-    return Batch(hwc.permute(0, 3, 1, 2), None, [t for _, t in samples])
-
-
-def padding_masks(targets: Sequence[dict], height: int, width: int) -> torch.Tensor:
-    """[B, H, W] bool, True outside each image's `size` (h, w)."""
-    masks = torch.ones(len(targets), height, width, dtype=torch.bool)
-    for i, t in enumerate(targets):
-        ih, iw = (int(v) for v in t["size"])
-        masks[i, :ih, :iw] = False
-    return masks
+    _, nbytes = batch_layout(images)
+    pixels, masks = fill_batch(torch.empty(nbytes, dtype=torch.uint8), images)
+    return Batch(pixels, masks, [t for _, t in samples])
 
 
 def empty_batch(size: int = 32) -> Batch:
@@ -149,20 +166,25 @@ def empty_batch(size: int = 32) -> Batch:
 def target_from_meta(meta: dict) -> dict:
     """Target tensors (boxes xyxy in pixels) from a sample's json."""
     anns = meta["annotations"]
-    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    # built in numpy, then wrapped: torch.tensor on a list costs ~15 us a call, once per field
+    # and image
+    boxes = xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4))
+    fields = {
+        "labels": np.array([a["category_id"] for a in anns], dtype=np.int64),
+        "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
+        "area": np.array([a.get("area", 0.0) for a in anns], dtype=np.float32),
+        "orig_size": np.array([meta["height"], meta["width"]], dtype=np.int64),
+    }
     return {
-        "boxes": xywh_to_xyxy(boxes),
-        "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
-        "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
-        "area": torch.tensor([a.get("area", 0.0) for a in anns], dtype=torch.float32),
+        "boxes": torch.from_numpy(boxes),
+        **{k: torch.from_numpy(v) for k, v in fields.items()},
         "image_id": meta["image_id"],
-        "orig_size": torch.tensor([meta["height"], meta["width"]]),
     }
 
 
 @dataclass
 class _Packed:
-    """The form a batch crosses from its producer in: the pixels stay in a reused slot
+    """The form a batch crosses from its producer in: pixels and mask stay in a reused slot
     (`pipelines.buffers`), whose storage travels only on the slot's first use; targets are
     numpy arrays pickled inline (each tensor sent between processes would cost a
     shared-memory segment of its own, and a batch's targets hold dozens)."""
@@ -171,20 +193,23 @@ class _Packed:
     slot: int
     storage: torch.UntypedStorage | None
     retired: list[int]
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, int, int, int]  # pixels [B, H, W, 3]; the mask follows them
+    nbytes: int
     targets: list[dict]
     skipped: dict
 
 
 def _unpack(packed: _Packed, views: SlotViews) -> Batch:
-    """Back to a `Batch` with tensors and the padding mask."""
-    hwc = views.pixels(packed.producer, packed.slot, packed.storage, packed.retired, packed.shape)
+    """Back to a `Batch` of tensors; images and masks are views of the slot."""
+    buffer = views.buffer(
+        packed.producer, packed.slot, packed.storage, packed.retired, packed.nbytes
+    )
+    images, masks = batch_views(buffer, packed.shape)
     targets = [
         {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in t.items()}
         for t in packed.targets
     ]
-    images = hwc.permute(0, 3, 1, 2)
-    return Batch(images, padding_masks(targets, *images.shape[-2:]), targets, False, packed.skipped)
+    return Batch(images, masks, targets, False, packed.skipped)
 
 
 class _Stages:
@@ -278,15 +303,17 @@ class _Stages:
     def pack(self, samples: list[tuple[torch.Tensor, dict]]) -> _Packed:
         worker, _ = worker_id_and_count()
         images = [img for img, _ in samples]
-        shape = batch_shape(images)
-        slot, storage, new, retired = self.pool.take(math.prod(shape))
-        fill_batch(uint8_view(storage, shape), images)
+        shape, nbytes = batch_layout(images)
+        slot, storage, new, retired = self.pool.take(nbytes)
+        fill_batch(uint8_view(storage, (nbytes,)), images)
         targets = [
             {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
             for _, t in samples
         ]
         skipped = {worker: dict(self.counter.counts)}
-        return _Packed(worker, slot, storage if new else None, retired, shape, targets, skipped)
+        return _Packed(
+            worker, slot, storage if new else None, retired, shape, nbytes, targets, skipped
+        )
 
     def tar_handler(self, err: Exception) -> bool:
         self.counter.counts["unreadable shard data"] += 1

@@ -45,6 +45,14 @@ def test_box_conversions_round_trip():
     torch.testing.assert_close(xyxy_to_cxcywh(b), torch.tensor([[3.0, 5.5, 4.0, 7.0]]))
 
 
+def test_box_conversions_agree_bitwise_on_tensors_and_numpy():
+    b = torch.rand(50, 4, generator=torch.Generator().manual_seed(0)) * 640
+    for convert in (xywh_to_xyxy, xyxy_to_xywh, xyxy_to_cxcywh, cxcywh_to_xyxy):
+        in_numpy = convert(b.numpy())
+        assert in_numpy.dtype == np.float32
+        assert torch.equal(torch.from_numpy(in_numpy), convert(b))
+
+
 def test_flip_twice_is_the_identity():
     image, target = make()
     flip = HorizontalFlip(p=1.0)
@@ -87,6 +95,11 @@ def test_normalize_boxes_gives_normalised_cxcywh_and_size():
     same, out = NormalizeBoxes()(image, target)
     assert same is image and out["size"].tolist() == [48, 64]
     torch.testing.assert_close(out["boxes"][0], torch.tensor([12 / 64, 18 / 48, 16 / 64, 24 / 48]))
+    scale = torch.tensor([64, 48, 64, 48], dtype=torch.float32)
+    assert out["boxes"].dtype == torch.float32
+    assert torch.equal(
+        out["boxes"], xyxy_to_cxcywh(target["boxes"]) / scale
+    )  # as torch computes it
 
 
 def test_decoder_reads_jpeg_and_png_like_pil(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.loader import collate, padding_masks, target_from_meta
+from pipelines.loader import collate, target_from_meta
 from pipelines.transforms import decode_image_bytes
 
 
@@ -58,8 +58,7 @@ def predict_images(
             transforms(*load_image(p, start + k), random.Random(0)) for k, p in enumerate(chunk)
         ]
         batch = collate(samples)
-        masks = padding_masks(batch.targets, *batch.images.shape[-2:])
-        outputs = model(batch.images.to(device), masks.to(device))
+        outputs = model(batch.images.to(device), batch.masks.to(device))
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
         for det in post.coco_results(outputs, sizes, [t["image_id"] for t in batch.targets]):
             results.append({**det, "file_name": str(paths[det["image_id"]])})
