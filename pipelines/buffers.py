@@ -22,6 +22,7 @@ overwritten or blocks a worker.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import weakref
 from collections.abc import Callable
@@ -106,16 +107,21 @@ class SlotViews:
         storage: torch.UntypedStorage | None,
         retired: list[int],
         nbytes: int,
-    ) -> torch.Tensor:
-        """The batch's first `nbytes` of the slot, as a flat uint8 tensor, valid until the last
-        tensor over it is freed."""
+    ) -> np.ndarray:
+        """The batch's first `nbytes` of the slot, as a flat uint8 array, valid until it and
+        the last array or tensor made from it are freed."""
         for old in retired:
             self.slots.pop((producer, old), None)
         if storage is not None:
             self.slots[(producer, slot)] = uint8_view(storage, (storage.nbytes(),)).numpy()
-        view = self.slots[(producer, slot)][:nbytes]
+        # Not a slice of the slot array: numpy points every view's base at the array that owns
+        # the memory, so arrays made from a slice would outlive it and the slot would come
+        # back too early. An array over a ctypes region of the slot is instead the base of
+        # every array made from it, and tensors made from those keep them alive.
+        region = (ctypes.c_uint8 * nbytes).from_buffer(self.slots[(producer, slot)])
+        view = np.frombuffer(region, dtype=np.uint8)
         weakref.finalize(view, self.give_back[producer], slot).atexit = False
-        return torch.from_numpy(view)
+        return view
 
 
 def pipe_sender(conn: Connection) -> Callable[[int], None]:

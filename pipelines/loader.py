@@ -39,6 +39,11 @@ from pipelines.transforms import decode_image_bytes
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "png")
+# A worker sends batches in items of at least this many images: each item sent costs the
+# trainer's process a fixed ~1 ms (queues, a thread hand-off, unpickling), which with small
+# batches (DINO trains with 2 images per GPU) would be a large share of the loading time.
+IMAGES_PER_ITEM = 16
+PREFETCH_ITEMS = 2  # items each worker keeps ready (DataLoader's prefetch_factor)
 
 
 @dataclass
@@ -98,18 +103,19 @@ def batch_layout(images: Sequence[torch.Tensor]) -> tuple[tuple[int, int, int, i
 
 
 def batch_views(
-    buffer: torch.Tensor, shape: tuple[int, int, int, int]
+    buffer: np.ndarray, shape: tuple[int, int, int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [B, 3, H, W] uint8, masks [B, H, W] bool) over a flat uint8 batch buffer."""
+    """(images [B, 3, H, W] uint8, masks [B, H, W] bool) over a flat uint8 batch buffer
+    (sliced in numpy, which costs a fraction of torch's view ops on the trainer's side)."""
     b, h, w, _ = shape
     pixels = b * h * w * 3
-    images = buffer[:pixels].view(shape).permute(0, 3, 1, 2)
-    masks = buffer[pixels : pixels + b * h * w].view(torch.bool).view(b, h, w)
+    images = torch.from_numpy(buffer[:pixels].reshape(shape)).permute(0, 3, 1, 2)
+    masks = torch.from_numpy(buffer[pixels : pixels + b * h * w].view(np.bool_).reshape(b, h, w))
     return images, masks
 
 
 def fill_batch(
-    buffer: torch.Tensor, images: Sequence[torch.Tensor]
+    buffer: np.ndarray, images: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lay a batch out in a flat uint8 buffer: the [3, h, w] images padded with zeros at the
     bottom and right, then the padding mask (True on padding). Returns `batch_views`.
@@ -120,9 +126,8 @@ def fill_batch(
     per-slice overhead was a third of the copy's time."""
     shape, _ = batch_layout(images)
     b, h, w, _ = shape
-    flat = buffer.numpy()
-    rows = flat[: b * h * w * 3].reshape(b, h, w * 3)
-    mask = flat[b * h * w * 3 : b * h * w * 4].view(np.bool_).reshape(b, h, w)
+    rows = buffer[: b * h * w * 3].reshape(b, h, w * 3)
+    mask = buffer[b * h * w * 3 : b * h * w * 4].view(np.bool_).reshape(b, h, w)
     for i, img in enumerate(images):
         ih, iw = img.shape[1:]
         rows[i, :ih, : iw * 3] = img.permute(1, 2, 0).numpy().reshape(ih, iw * 3)
@@ -140,7 +145,7 @@ def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
     reused buffers (`pipelines.buffers`)."""
     images = [img for img, _ in samples]
     _, nbytes = batch_layout(images)
-    pixels, masks = fill_batch(torch.empty(nbytes, dtype=torch.uint8), images)
+    pixels, masks = fill_batch(np.empty(nbytes, dtype=np.uint8), images)
     return Batch(pixels, masks, [t for _, t in samples])
 
 
@@ -287,25 +292,36 @@ class _Stages:
                 self._pool = BufferPool(shared=True, returns=self.returns[info.id])
         return self._pool
 
+    @property
+    def images_per_item(self) -> int:
+        """Grouping only pays where batches cross processes."""
+        return IMAGES_PER_ITEM if torch.utils.data.get_worker_info() is not None else 1
+
     def batches(self, samples, batch_size: int, partial: bool):
         """Batches of `batch_size` (and a last smaller one if `partial`). A full batch is sent
         when the next sample arrives or the stream ends, so that its skip counts include every
         sample skipped before then (at the end of an evaluation pass, the last ones)."""
         group: list = []
+        packed: list[_Packed] = []
         for sample in samples:
             if len(group) == batch_size:
-                yield self.pack(group)
+                packed.append(self.pack(group))
                 group = []
+                if len(packed) * batch_size >= self.images_per_item:
+                    yield packed
+                    packed = []
             group.append(sample)
         if group and (partial or len(group) == batch_size):
-            yield self.pack(group)
+            packed.append(self.pack(group))
+        if packed:
+            yield packed
 
     def pack(self, samples: list[tuple[torch.Tensor, dict]]) -> _Packed:
         worker, _ = worker_id_and_count()
         images = [img for img, _ in samples]
         shape, nbytes = batch_layout(images)
         slot, storage, new, retired = self.pool.take(nbytes)
-        fill_batch(uint8_view(storage, (nbytes,)), images)
+        fill_batch(uint8_view(storage, (nbytes,)).numpy(), images)
         targets = [
             {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
             for _, t in samples
@@ -347,11 +363,14 @@ class _Loader:
         views = SlotViews(give_back if self.stages is not None else {})
         produced = 0
         try:
-            for packed in self.loader:
-                batch = _unpack(packed, views)
-                self._skipped.update(batch.skipped)
-                produced += 1
-                yield batch
+            for item in self.loader:
+                for packed in item:
+                    if produced == self.num_batches:
+                        break
+                    batch = _unpack(packed, views)
+                    self._skipped.update(batch.skipped)
+                    produced += 1
+                    yield batch
                 if produced == self.num_batches:
                     break
         finally:
@@ -380,7 +399,7 @@ def _data_loader(pipeline, num_workers: int):
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=PREFETCH_ITEMS if num_workers else None,
         generator=torch.Generator().manual_seed(0),
     )
 
