@@ -1,6 +1,6 @@
 """Training-loader throughput against the practical limit and a plain map-style loader.
 
-    python benchmarks/bench_loader.py [--images 480] [--batches 250] [--repeats 3]
+    python benchmarks/bench_loader.py [--images 480] [--batches 250] [--batch 8] [--repeats 3]
 
 Data: synthetic JPEGs (COCO-like sizes, 400-640 px) written once as files + COCO JSON and as
 shards of the very same bytes. Measured in this run, on the same cores (2 loader processes):
@@ -41,7 +41,7 @@ from pipelines.transforms import (
 )
 from taxonomy import Node, Taxonomy
 
-BATCH = 8
+LIMIT = "decode limit: PIL decode loop, 2 processes"
 
 
 def decode_pil(data: bytes) -> tuple[int, int]:
@@ -62,12 +62,6 @@ def decode_limit(decode, blobs: list[bytes], images: int) -> float:
         for _ in range(passes):
             pool.map(decode, blobs, chunksize=8)
         return passes * len(blobs) / (time.perf_counter() - start)
-
-
-def median_of(repeats: int, measure) -> float:
-    """The median of `repeats` runs: the machine's speed drifts by tens of percent between
-    runs of a second or two, and every row is measured the same way."""
-    return statistics.median(measure() for _ in range(repeats))
 
 
 class MapStyle(torch.utils.data.Dataset):
@@ -98,7 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--batches", type=int, default=250)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is kept")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tax = Taxonomy(
@@ -106,7 +101,6 @@ def main() -> None:
         + [Node(f"c{i}", f"c{i}", ("r",), i) for i in range(2, 201)]
     )
     cfg = SynthConfig(num_train=args.images, num_val=0, min_side=400, max_side=640, seed=0)
-    recipe = TransformConfig()  # DINO's scales: short side 480..800, long side <= 1333
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         coco = write_coco(tax, cfg, root / "coco")["train"]
@@ -119,55 +113,65 @@ def main() -> None:
             progress=False,
         )
         blobs = [(root / "coco" / "images" / r.file_name).read_bytes() for r in records]
-        images = args.batches * BATCH
-        limit = median_of(args.repeats, lambda: decode_limit(decode_pil, blobs, images))
-        tv_limit = median_of(args.repeats, lambda: decode_limit(decode_torchvision, blobs, images))
-        rows = [
-            ("decode limit: PIL decode loop, 2 processes", limit, None),
-            ("torchvision decode loop (the loader's decoder), 2 processes", tv_limit, None),
-        ]
-        for label, transforms in (
-            ("decode only", no_augmentation()),
-            ("train recipe", build_transforms(recipe, True)),
-        ):
-            ours = median_of(
-                args.repeats,
-                lambda transforms=transforms: rate(
-                    train_loader(
-                        root / "shards",
-                        BATCH,
-                        args.batches + 1,
-                        transforms,
-                        shuffle_buffer=200,
-                        repeat_threshold=None,
-                        num_workers=2,
-                        rank=0,
-                        world_size=1,
-                    ),
-                    args.batches,
-                ),
+        images = args.batches * args.batch
+
+        def ours(transforms):
+            loader = train_loader(
+                root / "shards",
+                args.batch,
+                args.batches + 1,
+                transforms,
+                shuffle_buffer=200,
+                repeat_threshold=None,
+                num_workers=2,
+                rank=0,
+                world_size=1,
             )
-            plain_loader = torch.utils.data.DataLoader(
+            return rate(loader, args.batches)
+
+        def plain(transforms):
+            loader = torch.utils.data.DataLoader(
                 MapStyle(records, root / "coco" / "images", transforms),
-                batch_size=BATCH,
+                batch_size=args.batch,
                 shuffle=True,
                 num_workers=2,
                 collate_fn=collate,
             )
-            plain = median_of(
-                args.repeats, lambda loader=plain_loader: rate(_cycle(loader), args.batches)
-            )
-            rows.append((f"ours, {label}", ours, plain))
-            rows.append((f"map-style over files, {label}", plain, None))
+            return rate(_cycle(loader), args.batches)
+
+        decode_only, recipe = no_augmentation(), build_transforms(TransformConfig(), True)
+        rows = {  # name -> (measure, baseline row for the last column)
+            LIMIT: (lambda: decode_limit(decode_pil, blobs, images), None),
+            "torchvision decode loop (the loader's decoder), 2 processes": (
+                lambda: decode_limit(decode_torchvision, blobs, images),
+                None,
+            ),
+            "ours, decode only": (lambda: ours(decode_only), "map-style over files, decode only"),
+            "map-style over files, decode only": (lambda: plain(decode_only), None),
+            "ours, train recipe": (lambda: ours(recipe), "map-style over files, train recipe"),
+            "map-style over files, train recipe": (lambda: plain(recipe), None),
+        }
+        # every row once per round, rounds repeated: the machine's speed drifts by tens of
+        # percent over minutes, so ratios are taken within a round and their median reported
+        runs: dict[str, list[float]] = {name: [] for name in rows}
+        for _ in range(args.repeats):
+            for name, (measure, _) in rows.items():
+                runs[name].append(measure())
     print(
-        f"{args.images} JPEGs 400-640 px, batch {BATCH}, {args.batches} timed batches "
-        f"(median of {args.repeats} runs per row), 2 CPU cores\n"
+        f"{args.images} JPEGs 400-640 px, batch {args.batch}, {args.batches} timed batches, "
+        f"2 CPU cores; medians over {args.repeats} rounds (ratios taken within each round)\n"
     )
     print("| loader | images/s | vs decode limit | vs map-style (same transforms) |")
     print("|---|---|---|---|")
-    for name, value, plain in rows:
-        vs_plain = f"{value / plain:.2f}x" if plain else "-"
-        print(f"| {name} | {value:.1f} | {value / limit:.2f} | {vs_plain} |")
+    for name, (_, baseline) in rows.items():
+        vs_limit = statistics.median(a / b for a, b in zip(runs[name], runs[LIMIT]))
+        vs_plain = (
+            f"{statistics.median(a / b for a, b in zip(runs[name], runs[baseline])):.2f}x"
+            if baseline
+            else "-"
+        )
+        rate_ = statistics.median(runs[name])
+        print(f"| {name} | {rate_:.1f} | {vs_limit:.2f} | {vs_plain} |")
 
 
 def _cycle(loader):
