@@ -8,16 +8,17 @@ loader worker's throughput.
 
 `BufferPool` is the producer's side (a loader worker, or the loading process itself when there
 are no workers). It owns slots of memory, shared between processes when it runs in a worker,
-and reuses them; a slot holds one batch's pixels and padding mask. A batch names its slot, and carries the slot's storage only the first time the
-slot is used, so each slot crosses between processes once.
+and reuses them; a slot holds one batch's pixels and padding mask. A batch names its slot and
+carries the slot's storage only the first time the slot is used, so each slot crosses between
+processes once.
 
 `SlotViews` is the consumer's side. It keeps the slots it has been sent and hands out each
-batch's buffer as a tensor over a numpy view of the slot, one view object per batch. When the
-last tensor over a batch's buffer is freed (the batch dropped, every view of it gone), a
-finalizer gives the slot back to its producer: directly in-process, as four bytes on a pipe
-across processes. A producer that finds no free slot allocates another, so a consumer that keeps
-any number of batches costs memory, as a fresh buffer per batch would, and never sees its pixels
-overwritten or blocks a worker.
+batch's bytes as an array of its own over the slot; the batch's tensors are made from it. When
+the last of them is freed (the batch dropped, every view of it gone), a finalizer gives the
+slot back to its producer: directly in-process, as four bytes on a pipe across processes. A
+producer that finds no free slot allocates another, so a consumer that keeps any number of
+batches costs memory, as a fresh buffer per batch would, and never sees its pixels overwritten
+or blocks a worker.
 """
 
 from __future__ import annotations
