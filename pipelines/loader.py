@@ -115,7 +115,7 @@ def batch_views(
 
 
 def fill_batch(
-    buffer: np.ndarray, images: Sequence[torch.Tensor]
+    buffer: np.ndarray, images: Sequence[torch.Tensor], shape: tuple[int, int, int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lay a batch out in a flat uint8 buffer: the [3, h, w] images padded with zeros at the
     bottom and right, then the padding mask (True on padding). Returns `batch_views`.
@@ -123,8 +123,7 @@ def fill_batch(
     Pixels are stored row-contiguously as [B, H, W, 3] (decoded images are HWC in memory, so
     each row is one copy). A reused buffer holds an earlier batch, so padding and mask are
     written in full. Numpy, not torch, slices: a batch is a few dozen slices, and torch's
-    per-slice overhead was a third of the copy's time."""
-    shape, _ = batch_layout(images)
+    per-slice overhead was a third of the copy's time. `shape` is `batch_layout`'s."""
     b, h, w, _ = shape
     rows = buffer[: b * h * w * 3].reshape(b, h, w * 3)
     mask = buffer[b * h * w * 3 : b * h * w * 4].view(np.bool_).reshape(b, h, w)
@@ -144,8 +143,8 @@ def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
     zero) with their padding mask. The streaming loaders lay batches out the same way in
     reused buffers (`pipelines.buffers`)."""
     images = [img for img, _ in samples]
-    _, nbytes = batch_layout(images)
-    pixels, masks = fill_batch(np.empty(nbytes, dtype=np.uint8), images)
+    shape, nbytes = batch_layout(images)
+    pixels, masks = fill_batch(np.empty(nbytes, dtype=np.uint8), images, shape)
     return Batch(pixels, masks, [t for _, t in samples])
 
 
@@ -321,7 +320,7 @@ class _Stages:
         images = [img for img, _ in samples]
         shape, nbytes = batch_layout(images)
         slot, storage, new, retired = self.pool.take(nbytes)
-        fill_batch(uint8_view(storage, (nbytes,)).numpy(), images)
+        fill_batch(uint8_view(storage, (nbytes,)).numpy(), images, shape)
         targets = [
             {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
             for _, t in samples
@@ -355,12 +354,12 @@ class _Loader:
     def __iter__(self) -> Iterator[Batch]:
         workers = getattr(self.loader, "num_workers", 0)
         pipes = [multiprocessing.Pipe(duplex=False) for _ in range(workers)]
+        give_back = {w: pipe_sender(writer) for w, (_, writer) in enumerate(pipes)}
         if self.stages is not None:  # read by the workers, which start with this iteration
             self.stages.returns = [reader for reader, _ in pipes]
-            give_back = {w: pipe_sender(writer) for w, (_, writer) in enumerate(pipes)}
             if not workers:
                 give_back = {0: self.stages.pool.release}
-        views = SlotViews(give_back if self.stages is not None else {})
+        views = SlotViews(give_back)
         produced = 0
         try:
             for item in self.loader:
