@@ -2,7 +2,9 @@
 
 Formats: `xywh` (COCO: top-left corner, width, height), `xyxy` (corners), `cxcywh` (centre,
 size). The conversions take and return tensors or numpy arrays `[..., 4]` (the loader converts
-one image's few boxes in numpy, where a small torch op costs more than the arithmetic).
+one image's few boxes in numpy, where a small torch op costs more than the arithmetic). Each
+works on the two coordinate pairs at once: three array operations instead of one per coordinate,
+with the same arithmetic for every element, so numpy and torch agree bitwise.
 """
 
 from __future__ import annotations
@@ -13,39 +15,32 @@ import torch
 Boxes = torch.Tensor | np.ndarray
 
 
-def _parts(boxes: Boxes):
-    if isinstance(boxes, np.ndarray):
-        return tuple(boxes[..., i] for i in range(4))
-    return boxes.unbind(-1)
-
-
-def _stack(parts, like: Boxes) -> Boxes:
+def _cat(parts: list[Boxes], like: Boxes) -> Boxes:
     if isinstance(like, np.ndarray):
-        return np.stack(parts, axis=-1)
-    return torch.stack(parts, dim=-1)
+        return np.concatenate(parts, axis=-1)
+    return torch.cat(parts, dim=-1)
 
 
 def xywh_to_xyxy(boxes: Boxes) -> Boxes:
-    x, y, w, h = _parts(boxes)
-    return _stack([x, y, x + w, y + h], boxes)
+    corner, size = boxes[..., :2], boxes[..., 2:]
+    return _cat([corner, corner + size], boxes)
 
 
 def xyxy_to_xywh(boxes: Boxes) -> Boxes:
-    x0, y0, x1, y1 = _parts(boxes)
-    return _stack([x0, y0, x1 - x0, y1 - y0], boxes)
+    lo, hi = boxes[..., :2], boxes[..., 2:]
+    return _cat([lo, hi - lo], boxes)
 
 
 def xyxy_to_cxcywh(boxes: Boxes) -> Boxes:
-    x0, y0, x1, y1 = _parts(boxes)
-    return _stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], boxes)
+    lo, hi = boxes[..., :2], boxes[..., 2:]
+    return _cat([(lo + hi) / 2, hi - lo], boxes)
 
 
 def cxcywh_to_xyxy(boxes: Boxes) -> Boxes:
-    cx, cy, w, h = _parts(boxes)
-    return _stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], boxes)
+    centre, size = boxes[..., :2], boxes[..., 2:]
+    return _cat([centre - size / 2, centre + size / 2], boxes)
 
 
-def box_area_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(
-        min=0
-    )
+def box_area_xyxy(boxes: Boxes) -> Boxes:
+    """Area of xyxy boxes; boxes with a negative side have area 0."""
+    return (boxes[..., 2] - boxes[..., 0]).clip(min=0) * (boxes[..., 3] - boxes[..., 1]).clip(min=0)

@@ -145,7 +145,7 @@ def collate(samples: Sequence[tuple[torch.Tensor, dict]]) -> Batch:
     images = [img for img, _ in samples]
     shape, nbytes = batch_layout(images)
     pixels, masks = fill_batch(np.empty(nbytes, dtype=np.uint8), images, shape)
-    return Batch(pixels, masks, [t for _, t in samples])
+    return Batch(pixels, masks, [target_tensors(t) for _, t in samples])
 
 
 def empty_batch(size: int = 32) -> Batch:
@@ -168,22 +168,22 @@ def empty_batch(size: int = 32) -> Batch:
 
 
 def target_from_meta(meta: dict) -> dict:
-    """Target tensors (boxes xyxy in pixels) from a sample's json."""
+    """A sample's json -> its target as numpy arrays (boxes xyxy in pixels), the form the
+    transforms take; `Batch` targets are tensors (`target_tensors`)."""
     anns = meta["annotations"]
-    # built in numpy, then wrapped: torch.tensor on a list costs ~15 us a call, once per field
-    # and image
-    boxes = xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4))
-    fields = {
+    return {
+        "boxes": xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)),
         "labels": np.array([a["category_id"] for a in anns], dtype=np.int64),
         "iscrowd": np.array([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
         "area": np.array([a.get("area", 0.0) for a in anns], dtype=np.float32),
         "orig_size": np.array([meta["height"], meta["width"]], dtype=np.int64),
-    }
-    return {
-        "boxes": torch.from_numpy(boxes),
-        **{k: torch.from_numpy(v) for k, v in fields.items()},
         "image_id": meta["image_id"],
     }
+
+
+def target_tensors(target: dict) -> dict:
+    """A target's arrays as tensors sharing their memory; other values as they are."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in target.items()}
 
 
 @dataclass
@@ -209,11 +209,7 @@ def _unpack(packed: _Packed, views: SlotViews) -> Batch:
         packed.producer, packed.slot, packed.storage, packed.retired, packed.nbytes
     )
     images, masks = batch_views(buffer, packed.shape)
-    targets = [
-        {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in t.items()}
-        for t in packed.targets
-    ]
-    return Batch(images, masks, targets, False, packed.skipped)
+    return Batch(images, masks, [target_tensors(t) for t in packed.targets], False, packed.skipped)
 
 
 class _Stages:
@@ -321,10 +317,7 @@ class _Stages:
         shape, nbytes = batch_layout(images)
         slot, storage, new, retired = self.pool.take(nbytes)
         fill_batch(uint8_view(storage, (nbytes,)).numpy(), images, shape)
-        targets = [
-            {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-            for _, t in samples
-        ]
+        targets = [t for _, t in samples]  # numpy arrays, pickled inline
         skipped = {worker: dict(self.counter.counts)}
         return _Packed(
             worker, slot, storage if new else None, retired, shape, nbytes, targets, skipped

@@ -1,12 +1,15 @@
 """Box-aware image transforms on uint8 tensors: the DETR/DINO recipe, sized by configuration.
 
 A transform is called as `t(image, target, rng)`: `image` a uint8 tensor [3, H, W] (from
-`decode_image_bytes`), `target` a dict with `boxes` (float [N, 4], xyxy in pixels), `labels`
-([N] int64 category ids), `iscrowd`, `area`, and `rng` a `random.Random` (each loader worker owns
-one, seeded from the run seed, the rank and the worker id, so augmentation is reproducible).
-Flips and crops are views; resizing is torchvision's antialiased bilinear on uint8, about twice
-PIL's speed here. The last step, `NormalizeBoxes`, turns boxes into normalised `cxcywh`; pixels
-stay uint8 through the loader and `normalize_images` makes model input on the device.
+`decode_image_bytes`), `target` a dict of numpy arrays (`target_from_meta`'s): `boxes` (float32
+[N, 4], xyxy in pixels), `labels` ([N] int64 category ids), `iscrowd`, `area`, and `rng` a
+`random.Random` (each loader worker owns one, seeded from the run seed, the rank and the worker
+id, so augmentation is reproducible). Box arithmetic stays in numpy: an image has a handful of
+boxes, and for arrays that small a torch op's fixed cost is several times numpy's; the loader
+makes the target tensors once per batch, on the trainer's side. Flips and crops of the image are
+views; resizing is torchvision's antialiased bilinear on uint8, about twice PIL's speed here. The
+last step, `NormalizeBoxes`, turns boxes into normalised `cxcywh`; pixels stay uint8 through the
+loader and `normalize_images` makes model input on the device.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pipelines.boxes import box_area_xyxy, xyxy_to_cxcywh
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PER_BOX_KEYS = ("boxes", "labels", "iscrowd", "area")
+_MIRROR = np.array([-1, 1, -1, 1], dtype=np.float32)
 
 try:  # torchvision's decoding op, called directly: its Python wrapper warns (deprecated in
     # 0.29) and logs on every call, which cost 0.14 ms an image here
@@ -63,7 +67,7 @@ def normalize_images(
     return (images.float() / 255.0 - m) / s
 
 
-def _keep(target: dict, keep: torch.Tensor) -> dict:
+def _keep(target: dict, keep: np.ndarray) -> dict:
     return {k: (v[keep] if k in PER_BOX_KEYS else v) for k, v in target.items()}
 
 
@@ -87,8 +91,8 @@ class HorizontalFlip:
         if rng.random() >= self.p:
             return image, target
         w = image.shape[-1]
-        boxes = target["boxes"]
-        flipped = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        # (w - x1, y0, w - x0, y1): mirrored, and the corners swapped to keep x0 <= x1
+        flipped = target["boxes"][:, [2, 1, 0, 3]] * _MIRROR + np.array([w, 0, w, 0], np.float32)
         return image.flip(-1), {**target, "boxes": flipped}
 
 
@@ -113,7 +117,7 @@ class RandomResize:
         height, width = image.shape[-2:]
         w, h = resized_shape(width, height, rng.choice(self.sizes), self.max_size)
         sx, sy = w / width, h / height
-        scale = torch.tensor([sx, sy, sx, sy])
+        scale = np.array([sx, sy, sx, sy], dtype=np.float32)
         target = {**target, "boxes": target["boxes"] * scale, "area": target["area"] * sx * sy}
         return F.resize(image, [h, w], antialias=True), target
 
@@ -135,8 +139,8 @@ class RandomSizeCrop:
 
 def crop(image: torch.Tensor, target: dict, x0: int, y0: int, w: int, h: int):
     """Crop to the region (x0, y0, w, h); clip boxes, drop those with no area left."""
-    boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=target["boxes"].dtype)
-    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h], dtype=boxes.dtype))
+    boxes = target["boxes"] - np.array([x0, y0, x0, y0], dtype=np.float32)
+    boxes = np.minimum(boxes.clip(min=0), np.array([w, h, w, h], dtype=np.float32))
     keep = box_area_xyxy(boxes) > 0
     target = _keep({**target, "boxes": boxes, "area": box_area_xyxy(boxes)}, keep)
     return image[:, y0 : y0 + h, x0 : x0 + w], target
@@ -157,11 +161,9 @@ class NormalizeBoxes:
 
     def __call__(self, image: torch.Tensor, target: dict, rng: random.Random | None = None):
         h, w = image.shape[-2:]
-        # in numpy (float32 as in torch): once per image, small torch ops cost more than the math
         scale = np.array([w, h, w, h], dtype=np.float32)
-        boxes = xyxy_to_cxcywh(target["boxes"].numpy()) / scale
-        size = np.array([h, w], dtype=np.int64)
-        return image, {**target, "boxes": torch.from_numpy(boxes), "size": torch.from_numpy(size)}
+        boxes = xyxy_to_cxcywh(target["boxes"]) / scale
+        return image, {**target, "boxes": boxes, "size": np.array([h, w], dtype=np.int64)}
 
 
 @dataclass(frozen=True)
