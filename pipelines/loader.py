@@ -292,22 +292,37 @@ class _Stages:
         """Grouping only pays where batches cross processes."""
         return IMAGES_PER_ITEM if torch.utils.data.get_worker_info() is not None else 1
 
-    def batches(self, samples, batch_size: int, partial: bool):
-        """Batches of `batch_size` (and a last smaller one if `partial`). A full batch is sent
-        when the next sample arrives or the stream ends, so that its skip counts include every
-        sample skipped before then (at the end of an evaluation pass, the last ones)."""
-        group: list = []
+    def batches(self, samples, batch_size: int, partial: bool, group_by_aspect: bool = False):
+        """Batches of `batch_size` (and, if `partial`, the smaller ones left at the end).
+
+        With `group_by_aspect`, landscape (w >= h, after the transforms) and portrait images
+        fill separate batches, as detectron2's and mmdetection's training loaders do: a batch
+        is padded to its largest height and width, so mixing orientations pads each image
+        towards a square, and padded pixels are copied here, sent to the device and computed
+        on by the model.
+
+        A full batch is sent when the next sample arrives or the stream ends, so that its skip
+        counts include every sample skipped before then (at the end of an evaluation pass,
+        the last ones)."""
+        groups: dict[bool, list] = {}
+        full: list | None = None
         packed: list[_Packed] = []
         for sample in samples:
-            if len(group) == batch_size:
-                packed.append(self.pack(group))
-                group = []
+            if full is not None:
+                packed.append(self.pack(full))
+                full = None
                 if len(packed) * batch_size >= self.images_per_item:
                     yield packed
                     packed = []
-            group.append(sample)
-        if group and (partial or len(group) == batch_size):
-            packed.append(self.pack(group))
+            height, width = sample[0].shape[-2:]
+            key = bool(group_by_aspect and width < height)
+            groups.setdefault(key, []).append(sample)
+            if len(groups[key]) == batch_size:
+                full = groups.pop(key)
+        if full is not None:
+            packed.append(self.pack(full))
+        if partial:
+            packed += [self.pack(group) for group in groups.values() if group]
         if packed:
             yield packed
 
@@ -408,10 +423,12 @@ def train_loader(
     num_workers: int = 2,
     rank: int | None = None,
     world_size: int | None = None,
+    group_by_aspect: bool = True,
 ) -> _Loader:
     """Exactly `batches_per_epoch` batches on every rank, from resampled shards.
 
-    `repeat_threshold=None` turns repeat-factor sampling off. `rank`/`world_size` default to
+    `repeat_threshold=None` turns repeat-factor sampling off; `group_by_aspect` batches
+    landscape and portrait images separately (`_Stages.batches`). `rank`/`world_size` default to
     the environment; passing them simulates a rank.
     """
     shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
@@ -439,7 +456,7 @@ def train_loader(
         lambda samples: repeat_stream(samples, factors, stages.rng) if factors else samples,
         lambda samples: stages.shuffle(samples, shuffle_buffer),
         stages.decode,
-        lambda samples: stages.batches(samples, batch_size, partial=False),
+        lambda samples: stages.batches(samples, batch_size, False, group_by_aspect),
     )
     return _Loader(_data_loader(pipeline, num_workers), stages, batches_per_epoch)
 

@@ -14,7 +14,13 @@ from PIL import Image
 
 from pipelines.annotations import load_coco
 from pipelines.boxes import cxcywh_to_xyxy
-from pipelines.loader import IMAGES_PER_ITEM, PREFETCH_ITEMS, eval_loader, train_loader
+from pipelines.loader import (
+    IMAGES_PER_ITEM,
+    PREFETCH_ITEMS,
+    _Stages,
+    eval_loader,
+    train_loader,
+)
 from pipelines.shards import MANIFEST, FileImageReader, ShardSet, write_shards
 from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records, write_coco
 from pipelines.tarstream import tar_samples
@@ -134,6 +140,55 @@ def test_two_ranks_over_uneven_shards_get_equal_batch_counts(uneven_shards):
         assert len(batches) == 7 and all(len(b) == 2 for b in batches)
         streams.append([t["image_id"] for b in batches for t in b.targets])
     assert streams[0] != streams[1]  # each rank draws its own stream
+
+
+def test_aspect_grouping_batches_orientations_apart_in_stream_order():
+    """Hand-worked: landscape (L) and portrait (P) images fill separate batches, each in
+    arrival order; a full batch goes out when the next sample arrives; at the end of a
+    partial pass the unfinished groups go out too."""
+    sizes = {0: (30, 50), 1: (60, 40), 2: (40, 60), 3: (32, 32), 4: (50, 20), 5: (45, 44)}
+    order = [0, 1, 2, 3, 4, 5]  # L P L L(square) P P
+
+    def run(group):
+        stages = _Stages(transforms=None, seed=0, rank=0)
+        samples = [(torch.zeros(3, *sizes[i], dtype=torch.uint8), {"image_id": i}) for i in order]
+        items = stages.batches(iter(samples), 2, partial=True, group_by_aspect=group)
+        return [([t["image_id"] for t in p.targets], p.shape) for item in items for p in item]
+
+    assert run(True) == [
+        ([0, 2], (2, 40, 60, 3)),
+        ([1, 4], (2, 60, 40, 3)),
+        ([3], (1, 32, 32, 3)),
+        ([5], (1, 45, 44, 3)),
+    ]
+    assert [ids for ids, _ in run(False)] == [[0, 1], [2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_training_batches_group_landscape_and_portrait_images(uneven_shards, group):
+    shards, _ = uneven_shards
+    loader = train_loader(
+        shards,
+        3,
+        20,
+        no_augmentation(),
+        shuffle_buffer=4,
+        repeat_threshold=None,
+        num_workers=2,
+        rank=0,
+        world_size=1,
+        group_by_aspect=group,
+    )
+    pure = []
+    for batch in loader:
+        landscape = {bool(t["size"][1] >= t["size"][0]) for t in batch.targets}
+        pure.append(len(landscape) == 1)
+        h, w = batch.images.shape[-2:]
+        assert h == max(int(t["size"][0]) for t in batch.targets)
+        assert w == max(int(t["size"][1]) for t in batch.targets)
+    assert len(pure) == 20
+    # grouped: every batch one orientation; without grouping this stream mixes them
+    assert all(pure) if group else not all(pure)
 
 
 def test_training_stream_is_reproducible_from_the_seed(uneven_shards):

@@ -45,6 +45,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     repeat_threshold: float | None = 1e-3
+    group_by_aspect: bool = True  # landscape and portrait images in separate batches
     transforms: TransformConfig = field(default_factory=TransformConfig)
 
 

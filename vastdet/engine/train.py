@@ -235,6 +235,7 @@ def train(config: TrainConfig | str) -> dict:
             shuffle_buffer=cfg.data.shuffle_buffer,
             repeat_threshold=cfg.data.repeat_threshold,
             num_workers=cfg.data.num_workers,
+            group_by_aspect=cfg.data.group_by_aspect,
         )
         wait_start, tick = time.perf_counter(), time.perf_counter()
         images_seen = 0
