@@ -12,13 +12,19 @@ shards of the very same bytes. Measured in this run, on the same cores (2 loader
 - map-style: a torch `Dataset` over the JSON + image files with the same transforms and a
   `DataLoader` with 2 workers, first batch excluded.
 Two transform settings: `decode only` (decode, boxes to cxcywh, padded batch: the loader's own
-overhead) and
-`train recipe` (flip, multi-scale resize, crop branch at DINO's scales).
+overhead) and `train recipe` (flip, multi-scale resize, crop branch at DINO's scales).
+
+Also measured, decode only: ours with landscape and portrait images mixed in batches
+(`group_by_aspect=False`), and a diagnostic that is not a loader: ours with the batch layout
+skipped (`fill_batch` replaced by one that writes nothing, so pixels and mask are garbage),
+the ceiling if laying out the padded batch cost nothing. The last column is the share of the
+loaders' batch pixels that are image rather than padding.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import random
 import statistics
@@ -30,8 +36,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import pipelines.loader
 from pipelines.annotations import load_coco
-from pipelines.loader import collate, target_from_meta, train_loader
+from pipelines.loader import batch_views, collate, target_from_meta, train_loader
 from pipelines.shards import FileImageReader, write_shards
 from pipelines.synthetic import SynthConfig, write_coco
 from pipelines.transforms import (
@@ -97,13 +104,28 @@ class MapStyle(torch.utils.data.Dataset):
         return self.transforms(image, target_from_meta(r.sample_json()), random.Random(i))
 
 
-def rate(loader, batches: int) -> float:
+def rate(loader, batches: int) -> tuple[float, float]:
+    """(images/s, share of the batches' pixels that are image, not padding)."""
     it = iter(loader)
     next(it)  # worker start-up excluded
-    start, images = time.perf_counter(), 0
+    start, images, pixels, padded = time.perf_counter(), 0, 0, 0
     for _ in range(batches):
-        images += len(next(it).targets)
-    return images / (time.perf_counter() - start)
+        batch = next(it)
+        images += len(batch.targets)
+        pixels += sum(int(t["size"][0]) * int(t["size"][1]) for t in batch.targets)
+        padded += batch.masks.numel()
+    return images / (time.perf_counter() - start), pixels / padded
+
+
+@contextlib.contextmanager
+def batch_layout_skipped():
+    """The loader with `fill_batch` writing nothing (workers are forked and inherit it)."""
+    fill = pipelines.loader.fill_batch
+    pipelines.loader.fill_batch = lambda buffer, images, shape: batch_views(buffer, shape)
+    try:
+        yield
+    finally:
+        pipelines.loader.fill_batch = fill
 
 
 def main() -> None:
@@ -133,7 +155,7 @@ def main() -> None:
         blobs = [(root / "coco" / "images" / r.file_name).read_bytes() for r in records]
         images = args.batches * args.batch
 
-        def ours(transforms):
+        def ours(transforms, group_by_aspect=True):
             loader = train_loader(
                 root / "shards",
                 args.batch,
@@ -144,8 +166,13 @@ def main() -> None:
                 num_workers=2,
                 rank=0,
                 world_size=1,
+                group_by_aspect=group_by_aspect,
             )
             return rate(loader, args.batches)
+
+        def ours_without_layout(transforms):
+            with batch_layout_skipped():
+                return ours(transforms)
 
         def plain(transforms):
             loader = torch.utils.data.DataLoader(
@@ -158,13 +185,21 @@ def main() -> None:
             return rate(_cycle(loader), args.batches)
 
         decode_only, recipe = no_augmentation(), build_transforms(TransformConfig(), True)
-        rows = {  # name -> (measure, baseline row for the last column)
-            LIMIT: (lambda: decode_limit(decode_pil, blobs, images), None),
+        rows = {  # name -> (measure, baseline row for the map-style column)
+            LIMIT: (lambda: (decode_limit(decode_pil, blobs, images), None), None),
             "torchvision decode loops (the loader's decoder), 2 processes": (
-                lambda: decode_limit(decode_torchvision, blobs, images),
+                lambda: (decode_limit(decode_torchvision, blobs, images), None),
                 None,
             ),
             "ours, decode only": (lambda: ours(decode_only), "map-style over files, decode only"),
+            "ours, decode only, orientations mixed in batches": (
+                lambda: ours(decode_only, group_by_aspect=False),
+                "map-style over files, decode only",
+            ),
+            "diagnostic: ours, decode only, batch layout skipped": (
+                lambda: ours_without_layout(decode_only),
+                None,
+            ),
             "map-style over files, decode only": (lambda: plain(decode_only), None),
             "ours, train recipe": (lambda: ours(recipe), "map-style over files, train recipe"),
             "map-style over files, train recipe": (lambda: plain(recipe), None),
@@ -179,17 +214,25 @@ def main() -> None:
         f"{args.images} JPEGs 400-640 px, batch {args.batch}, {args.batches} timed batches, "
         f"2 CPU cores; medians over {args.repeats} rounds (ratios taken within each round)\n"
     )
-    print("| loader | images/s | vs decode limit | vs map-style (same transforms) |")
-    print("|---|---|---|---|")
+    print(
+        "| loader | images/s | vs decode limit | vs map-style (same transforms) "
+        "| image share of batch pixels |"
+    )
+    print("|---|---|---|---|---|")
+    rates = {name: [r for r, _ in runs[name]] for name in rows}
     for name, (_, baseline) in rows.items():
-        vs_limit = statistics.median(a / b for a, b in zip(runs[name], runs[LIMIT]))
+        vs_limit = statistics.median(a / b for a, b in zip(rates[name], rates[LIMIT]))
         vs_plain = (
-            f"{statistics.median(a / b for a, b in zip(runs[name], runs[baseline])):.2f}x"
+            f"{statistics.median(a / b for a, b in zip(rates[name], rates[baseline])):.2f}x"
             if baseline
             else "-"
         )
-        rate_ = statistics.median(runs[name])
-        print(f"| {name} | {rate_:.1f} | {vs_limit:.2f} | {vs_plain} |")
+        share = runs[name][0][1]
+        share = "-" if share is None else f"{statistics.median(s for _, s in runs[name]):.2f}"
+        print(
+            f"| {name} | {statistics.median(rates[name]):.1f} | {vs_limit:.2f} | {vs_plain} "
+            f"| {share} |"
+        )
 
 
 def _cycle(loader):
