@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as tv_functional
 
 from pipelines.boxes import cxcywh_to_xyxy, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh
 from pipelines.transforms import (
@@ -18,6 +19,7 @@ from pipelines.transforms import (
     build_transforms,
     crop,
     decode_image_bytes,
+    hwc,
     normalize_images,
     resized_shape,
 )
@@ -137,6 +139,25 @@ def test_training_recipe_keeps_boxes_inside_and_labels_aligned(seed):
     boxes = cxcywh_to_xyxy(out["boxes"])
     assert ((boxes >= -1e-6) & (boxes <= 1 + 1e-6)).all()
     assert set(out["labels"].tolist()) <= {7, 8} and len(out["labels"]) == len(out["boxes"])
+    # every branch ends in a resize, which leaves the pixels in HWC memory (`hwc`)
+    assert tensor.permute(1, 2, 0).is_contiguous()
+
+
+def test_resize_of_a_crop_lays_it_out_hwc_with_the_same_pixels():
+    pixels = np.random.default_rng(1).integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)  # decoded images' layout
+    _, target = make()
+    cropped, target = crop(image, target, 5, 4, 40, 30)
+    assert not cropped.permute(1, 2, 0).is_contiguous()  # a view with the full row pitch
+    assert (
+        hwc(cropped).data_ptr() != cropped.data_ptr() and hwc(image).data_ptr() == image.data_ptr()
+    )
+    resized, _ = RandomResize([45])(cropped, target, random.Random(0))
+    assert resized.shape == (3, 45, 60) and resized.permute(1, 2, 0).is_contiguous()
+    # the generic kernel, on a [3, H, W]-contiguous copy, gives the same pixels
+    assert torch.equal(
+        resized, tv_functional.resize(cropped.contiguous(), [45, 60], antialias=True)
+    )
 
 
 def test_empty_target_passes_through_every_step():
