@@ -42,7 +42,7 @@ def add_commands(subparsers) -> None:
     synth.add_argument(
         "--max-samples", type=int, default=1000, help="images per shard with --shards"
     )
-    synth.add_argument("--workers", type=int, default=2)
+    synth.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
     synth.set_defaults(handler=_synth)
 
     shard = commands.add_parser(
@@ -117,7 +117,7 @@ def _synth(args: argparse.Namespace) -> int:
     )
     histogram = _histogram(args.histogram) if args.histogram else None
     if not args.shards:
-        for split, path in write_coco(tax, cfg, args.output, histogram).items():
+        for split, path in write_coco(tax, cfg, args.output, histogram, args.workers).items():
             print(f"{split}: {path} (images under {args.output / 'images'})")
         return 0
     renderer = SyntheticRenderer(tax, cfg)

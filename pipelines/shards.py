@@ -18,11 +18,11 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.annotations import CheckReport, ImageRecord, image_kind
+from pipelines.parallel import map_jobs
 from taxonomy.files import atomic_output, file_sha256
 
 MANIFEST = "manifest.json"
@@ -135,15 +135,9 @@ def write_shards(
         total=len(records), desc=f"writing {len(plans)} shards", unit="img", disable=not progress
     )
     entries = []
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for entry in pool.map(_write_job, jobs):
-                entries.append(entry)
-                bar.update(entry["samples"])
-    else:
-        for job in jobs:
-            entries.append(_write_job(job))
-            bar.update(entries[-1]["samples"])
+    for entry in map_jobs(_write_job, jobs, workers):
+        entries.append(entry)
+        bar.update(entry["samples"])
     bar.close()
     instances, images = category_histograms(records)
     manifest = {

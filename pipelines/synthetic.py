@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipelines.annotations import ImageRecord
+from pipelines.parallel import map_jobs
 from taxonomy import Taxonomy
 
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "star", "cross", "hexagon", "chevron")
@@ -256,13 +257,26 @@ class SyntheticRenderer:
         return out.getvalue()
 
 
+RENDER_CHUNK = 64  # images a rendering job writes
+
+
+def _render_job(job: tuple[SyntheticRenderer, Path, list[ImageRecord]]) -> int:
+    renderer, root, records = job
+    for record in records:
+        (root / record.file_name).write_bytes(renderer(record))
+    return len(records)
+
+
 def write_coco(
     taxonomy: Taxonomy,
     cfg: SynthConfig,
     out_dir: str | os.PathLike,
     histogram: Mapping[int, float] | None = None,
+    workers: int = 2,
 ) -> dict[str, Path]:
-    """Write `images/<split>/*.jpg` and `<split>.json` (COCO format); returns the json paths."""
+    """Write `images/<split>/*.jpg` and `<split>.json` (COCO format), rendering in `workers`
+    processes (each image's pixels depend only on the seed and its id, so the files are the
+    same for any number); returns the json paths."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -274,8 +288,15 @@ def write_coco(
     paths = {}
     for split, records in make_records(taxonomy, cfg, histogram).items():
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for record in tqdm(records, desc=f"rendering {split}", unit="img", disable=not records):
-            (out / "images" / record.file_name).write_bytes(renderer(record))
+        jobs = [
+            (renderer, out / "images", records[k : k + RENDER_CHUNK])
+            for k in range(0, len(records), RENDER_CHUNK)
+        ]
+        with tqdm(
+            total=len(records), desc=f"rendering {split}", unit="img", disable=not records
+        ) as bar:
+            for done in map_jobs(_render_job, jobs, workers):
+                bar.update(done)
         doc = {
             "info": {
                 "description": "vastdet synthetic vast-vocabulary dataset",

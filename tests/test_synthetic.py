@@ -12,6 +12,7 @@ from pipelines.synthetic import (
     appearances,
     category_weights,
     make_records,
+    write_coco,
 )
 from taxonomy import Node, Taxonomy
 
@@ -40,6 +41,25 @@ def test_layout_and_pixels_are_deterministic_by_seed(tree):
         tree, SynthConfig(num_train=6, num_val=2, min_side=32, max_side=48, seed=10)
     )
     assert [r.sample_json() for r in other["train"]] != [r.sample_json() for r in a["train"]]
+
+
+def test_coco_files_are_the_same_rendered_in_one_or_two_processes(tree, tmp_path, monkeypatch):
+    import pipelines.synthetic
+
+    monkeypatch.setattr(pipelines.synthetic, "RENDER_CHUNK", 3)  # several jobs per split
+    cfg = SynthConfig(num_train=8, num_val=3, min_side=32, max_side=48, seed=4)
+    one = write_coco(tree, cfg, tmp_path / "one", workers=1)
+    two = write_coco(tree, cfg, tmp_path / "two", workers=2)
+    for split in ("train", "val"):
+        assert one[split].read_text() == two[split].read_text()
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.jpg"))
+    assert len(files) == 11
+    renderer = SyntheticRenderer(tree, cfg)
+    by_name = {r.file_name: r for rs in make_records(tree, cfg).values() for r in rs}
+    for rel in files:
+        data = (tmp_path / "two" / rel).read_bytes()
+        assert data == (tmp_path / "one" / rel).read_bytes()
+        assert data == renderer(by_name[rel.relative_to("images").as_posix()])
 
 
 def test_siblings_share_inherited_features_and_differ_in_their_own(tree):
