@@ -8,8 +8,9 @@ id, so augmentation is reproducible). Box arithmetic stays in numpy: an image ha
 boxes, and for arrays that small a torch op's fixed cost is several times numpy's; the loader
 makes the target tensors once per batch, on the trainer's side. Crops of the image are views, a
 flip is a copy; resizing is torchvision's antialiased bilinear on uint8 with the pixels in HWC
-memory (`hwc`), four to ten times PIL's speed here. The last step, `NormalizeBoxes`, turns boxes into normalised `cxcywh`; pixels stay uint8 through the
-loader and `normalize_images` makes model input on the device.
+memory (`hwc`), about four times PIL's speed here (523 x 514 to 800 x 1066: 2.1 ms, PIL's
+bilinear 7.8 ms). The last step, `NormalizeBoxes`, turns boxes into normalised `cxcywh`; pixels
+stay uint8 through the loader and `normalize_images` makes model input on the device.
 """
 
 from __future__ import annotations
