@@ -80,9 +80,8 @@ def hwc(image: torch.Tensor) -> torch.Tensor:
     resize falls back to a generic kernel (2.3 times slower on a 490 x 580 crop) and returns
     [3, H, W]-contiguous pixels, which the batch copy must then transpose. Same pixels
     either way."""
-    if image.permute(1, 2, 0).is_contiguous():
-        return image
-    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    pixels = image.permute(1, 2, 0)
+    return image if pixels.is_contiguous() else pixels.contiguous().permute(2, 0, 1)
 
 
 class Compose:
