@@ -14,8 +14,9 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 BOX_POLICIES = ("clip", "reject")
 ON_ERROR = ("raise", "skip")
@@ -66,6 +67,19 @@ class CheckReport:
         return dict(Counter(p.kind for p in self.problems))
 
 
+def image_path(root: str | os.PathLike, file_name: str) -> Path:
+    """`root / file_name` for a file name that stays inside `root`: relative, without `..`
+    (an annotation file is data, and must not make us read elsewhere). Symbolic links inside
+    the root are the user's own layout and are followed."""
+    name = PurePosixPath(file_name.replace("\\", "/"))
+    if name.is_absolute() or ".." in name.parts or not name.parts or ":" in file_name:
+        raise ValueError(
+            f"file_name {file_name!r} points outside the image root {os.fspath(root)} "
+            "(file names must be relative and without '..')"
+        )
+    return Path(root) / name
+
+
 def image_kind(head: bytes) -> str | None:
     """`jpg` or `png` from a file's first bytes, None for anything else."""
     return next((kind for magic, kind in IMAGE_KINDS.items() if head.startswith(magic)), None)
@@ -95,6 +109,78 @@ def _check_box(bbox, width: int, height: int, policy: str) -> tuple[list[float] 
             f"bbox {bbox!r} has no area inside the {width}x{height} image",
         )
     return [x0, y0, x1 - x0, y1 - y0], "", ""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_annotation(
+    ann, width: int, height: int, category_ids: Container[int] | None, policy: str = "clip"
+) -> tuple[dict | None, str, str]:
+    """(checked annotation or None, problem kind, detail) for one COCO annotation of a
+    `width` x `height` image: an integer category id in the vocabulary (None: any), a finite
+    box of positive size (clipped to the image under `policy="clip"`), `iscrowd` 0 or 1 and a
+    finite, non-negative area (the box's when absent). Shard writing and the loaders both
+    check with this."""
+    if not isinstance(ann, dict):
+        return None, "malformed annotation", f"{ann!r:.100} is not an object"
+    cat = ann.get("category_id")
+    if not _is_int(cat) or (category_ids is not None and cat not in category_ids):
+        return None, "unknown category id", f"annotation {ann.get('id')} has category_id {cat!r}"
+    box, kind, detail = _check_box(ann.get("bbox"), width, height, policy)
+    if box is None:
+        return None, kind, f"annotation {ann.get('id')}: {detail}"
+    iscrowd, area = ann.get("iscrowd", 0), ann.get("area", box[2] * box[3])
+    if iscrowd not in (0, 1) or isinstance(iscrowd, float):
+        return None, "malformed annotation", f"annotation {ann.get('id')}: iscrowd {iscrowd!r}"
+    if not isinstance(area, (int, float)) or isinstance(area, bool) or not 0 <= area < math.inf:
+        return None, "malformed annotation", f"annotation {ann.get('id')}: area {area!r}"
+    checked = {
+        "id": ann.get("id"),
+        "bbox": box,
+        "category_id": cat,
+        "iscrowd": int(iscrowd),
+        "area": float(area),
+    }
+    return checked, "", ""
+
+
+class UnusableDataError(RuntimeError):
+    """A stream that gives only unusable samples: raised rather than skipping forever."""
+
+
+class SampleError(ValueError):
+    """A shard sample that cannot be used as it is; `kind` is the count it is skipped under."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+def checked_annotations(
+    meta, height: int, width: int, category_ids: Container[int] | None = None
+) -> list[dict]:
+    """A shard sample's annotations checked as the sample is read (`check_annotation`, boxes
+    clipped to the image as at writing time); the json's image size must be the decoded
+    image's. Raises `SampleError` for the first problem: the whole sample is skipped, since
+    an image missing one of its objects would teach (or score) a wrong answer."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("annotations"), list):
+        raise SampleError("bad json", "no annotations list")
+    if not _is_int(meta.get("image_id")):
+        raise SampleError("bad json", f"image_id {meta.get('image_id')!r}")
+    if (meta.get("width"), meta.get("height")) != (width, height):
+        raise SampleError(
+            "image size mismatch",
+            f"json says {meta.get('width')}x{meta.get('height')}, the image is {width}x{height}",
+        )
+    checked = []
+    for ann in meta["annotations"]:
+        clean, kind, detail = check_annotation(ann, width, height, category_ids)
+        if clean is None:
+            raise SampleError(kind, detail)
+        checked.append(clean)
+    return checked
 
 
 def load_coco(
@@ -144,18 +230,24 @@ def load_coco(
                 )
             )
             continue
-        if image_root is not None and not (Path(image_root) / name).is_file():
-            report.problems.append(
-                Problem(source, image_id, "missing image file", str(Path(image_root) / name))
-            )
-            continue
+        if image_root is not None:
+            try:
+                path = image_path(image_root, name)
+            except ValueError as err:
+                report.problems.append(
+                    Problem(source, image_id, "file outside image root", str(err))
+                )
+                continue
+            if not path.is_file():
+                report.problems.append(Problem(source, image_id, "missing image file", str(path)))
+                continue
         records[image_id] = ImageRecord(image_id, name, w, h)
     known_ids = {image.get("id") for image in doc["images"]}
     for ann in doc["annotations"]:
-        image_id = ann.get("image_id")
-        record = records.get(image_id)
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        record = records.get(image_id) if _is_int(image_id) else None
         if record is None:
-            if image_id not in known_ids:
+            if not _is_int(image_id) or image_id not in known_ids:
                 report.problems.append(
                     Problem(
                         source,
@@ -165,32 +257,13 @@ def load_coco(
                     )
                 )
             continue  # the image itself was already reported
-        cat = ann.get("category_id")
-        if cat not in category_ids:
-            report.problems.append(
-                Problem(
-                    source,
-                    image_id,
-                    "unknown category id",
-                    f"annotation {ann.get('id')} has category_id {cat!r}",
-                )
-            )
-            continue
-        box, kind, detail = _check_box(ann.get("bbox"), record.width, record.height, box_policy)
-        if box is None:
-            report.problems.append(
-                Problem(source, image_id, kind, f"annotation {ann.get('id')}: {detail}")
-            )
-            continue
-        record.annotations.append(
-            {
-                "id": ann.get("id"),
-                "bbox": box,
-                "category_id": cat,
-                "iscrowd": int(ann.get("iscrowd", 0)),
-                "area": float(ann.get("area", box[2] * box[3])),
-            }
+        clean, kind, detail = check_annotation(
+            ann, record.width, record.height, category_ids, box_policy
         )
+        if clean is None:
+            report.problems.append(Problem(source, image_id, kind, detail))
+            continue
+        record.annotations.append(clean)
     if report.problems and on_error == "raise":
         shown = "\n  ".join(str(p) for p in report.problems[:20])
         more = f"\n  ... and {len(report.problems) - 20} more" if len(report.problems) > 20 else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from pipelines.annotations import BOX_POLICIES, ON_ERROR
@@ -151,8 +152,6 @@ def _shard(args: argparse.Namespace) -> int:
     records, report = load_coco(
         args.annotations, args.images, vocabulary, args.box_policy, args.on_error
     )
-    for kind, count in report.counts().items():
-        print(f"skipped {count:,} x {kind}")
     manifest = write_shards(
         records,
         FileImageReader(args.images),
@@ -164,7 +163,10 @@ def _shard(args: argparse.Namespace) -> int:
         source=str(args.annotations),
         categories_file=args.taxonomy or args.annotations,
         check_report=report,
+        on_error=args.on_error,
     )
+    for kind, count in report.counts().items():
+        print(f"skipped {count:,} x {kind}")
     print(
         f"{manifest['num_samples']:,} images, {manifest['num_instances']:,} boxes, "
         f"{len(manifest['shards'])} shards -> {args.output}"
@@ -178,7 +180,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from taxonomy import load_taxonomy
 
     shards = ShardSet.open(args.shards)
-    names_file = args.taxonomy or shards.manifest.get("categories_file")
+    names_file = args.taxonomy or shards.categories_file
     names = (
         load_taxonomy(names_file).category_names()
         if names_file and Path(names_file).is_file()
@@ -191,5 +193,9 @@ def _inspect(args: argparse.Namespace) -> int:
         if bad:
             return 1
     if args.png:
-        print(f"samples drawn to {draw_samples(shards, args.png, names, args.count)}")
+        skipped: Counter = Counter()
+        drawn = draw_samples(shards, args.png, names, args.count, skipped=skipped)
+        print(f"samples drawn to {drawn}")
+        if skipped:
+            print("unreadable, skipped: " + ", ".join(f"{k} {n}" for k, n in skipped.items()))
     return 0

@@ -23,13 +23,14 @@ import multiprocessing
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import webdataset as wds
 
+from pipelines.annotations import SampleError, UnusableDataError, checked_annotations
 from pipelines.boxes import xywh_to_xyxy
 from pipelines.buffers import BufferPool, SlotViews, pipe_sender, uint8_view
 from pipelines.sampling import DEFAULT_THRESHOLD, category_repeat_factors, repeat_stream
@@ -44,6 +45,9 @@ IMAGE_EXTENSIONS = ("jpg", "png")
 # batches (DINO trains with 2 images per GPU) would be a large share of the loading time.
 IMAGES_PER_ITEM = 16
 PREFETCH_ITEMS = 2  # items each worker keeps ready (DataLoader's prefetch_factor)
+# Unusable samples in a row before a training stream gives up: far more than a real dataset's
+# scattered corrupt files, reached within seconds when every sample is bad.
+MAX_BAD_IN_A_ROW = 200
 
 
 @dataclass
@@ -77,17 +81,54 @@ def worker_id_and_count() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+# Skips of one kind logged per loader worker before they are only counted: a stream of bad
+# samples must not bury the log (every sample would otherwise print a warning).
+LOGGED_SKIPS = 10
+
+
 class SkipCounter:
-    """Per-worker counts of skipped samples; travels to the main process attached to batches."""
+    """Per-worker counts of skipped samples; travels to the main process attached to batches.
 
-    def __init__(self):
+    `max_in_a_row` bounds the unusable samples in a row at one stage (None: no bound): a
+    resampled training stream over shards whose every image is corrupt would otherwise skip
+    forever. Each stage (`parse`, `decode`) keeps its own run, ended by a sample it passes."""
+
+    def __init__(self, max_in_a_row: int | None = None):
         self.counts: Counter[str] = Counter()
+        self.max_in_a_row = max_in_a_row
+        self.runs: dict[str, Counter[str]] = {}  # stage -> kind -> skips since a good sample
+        self.shards: dict[str, set[str]] = {}  # stage -> where those skips came from
 
-    def skip(self, kind: str, sample: dict, err: Exception) -> None:
+    def skip(self, kind: str, sample: dict, err: Exception, stage: str = "decode") -> None:
         self.counts[kind] += 1
-        log.warning(
-            "skipping %s in %s key %s: %s", kind, sample.get("__url__"), sample.get("__key__"), err
-        )
+        run = self.runs.setdefault(stage, Counter())
+        run[kind] += 1
+        self.shards.setdefault(stage, set()).add(str(sample.get("__url__")))
+        if self.counts[kind] <= LOGGED_SKIPS:
+            more = " (further skips of this kind are counted, not logged)"
+            log.warning(
+                "skipping %s in %s key %s: %s%s",
+                kind,
+                sample.get("__url__"),
+                sample.get("__key__"),
+                err,
+                more if self.counts[kind] == LOGGED_SKIPS else "",
+            )
+        total = sum(run.values())
+        if self.max_in_a_row is not None and total >= self.max_in_a_row:
+            kinds = ", ".join(f"{k} {n}" for k, n in run.most_common())
+            where = sorted(self.shards[stage])
+            shards = ", ".join(where[:5]) + (" ..." if len(where) > 5 else "")
+            raise UnusableDataError(
+                f"{total} samples in a row were unusable ({kinds}) in {shards}: check the "
+                "shards with `vastdet data inspect --verify` and the log's warnings"
+            )
+
+    def good(self, stage: str = "decode") -> None:
+        """A usable sample at `stage`: its run of bad ones is over."""
+        if self.runs.get(stage):
+            self.runs[stage].clear()
+            self.shards[stage].clear()
 
 
 def batch_layout(images: Sequence[torch.Tensor]) -> tuple[tuple[int, int, int, int], int]:
@@ -215,11 +256,20 @@ def _unpack(packed: _Packed, views: SlotViews) -> Batch:
 class _Stages:
     """The per-sample steps, as one object so that worker processes share the skip counter."""
 
-    def __init__(self, transforms: Callable, seed: int, rank: int, keep_annotations: bool = False):
+    def __init__(
+        self,
+        transforms: Callable,
+        seed: int,
+        rank: int,
+        keep_annotations: bool = False,
+        categories: Iterable[int] | None = None,
+        max_bad_in_a_row: int | None = None,
+    ):
         self.transforms = transforms
         self.keep_annotations = keep_annotations
+        self.categories = frozenset(int(c) for c in categories) if categories is not None else None
         self.seed, self.rank = seed, rank
-        self.counter = SkipCounter()
+        self.counter = SkipCounter(max_bad_in_a_row)
         self._rng: random.Random | None = None
         self._pool: BufferPool | None = None
         self.returns: list = []  # per loader worker: the read end of its slot-return pipe
@@ -235,15 +285,15 @@ class _Stages:
         for sample in samples:
             image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
             if image_key is None or "json" not in sample:
-                self.counter.skip(
-                    "incomplete sample", sample, ValueError(f"members: {sorted(sample)}")
-                )
+                members = ValueError(f"members: {sorted(sample)}")
+                self.counter.skip("incomplete sample", sample, members, "parse")
                 continue
             try:
                 meta = json.loads(sample["json"])
             except ValueError as err:
-                self.counter.skip("bad json", sample, err)
+                self.counter.skip("bad json", sample, err, "parse")
                 continue
+            self.counter.good("parse")
             yield {
                 "__url__": sample.get("__url__"),
                 "__key__": sample.get("__key__"),
@@ -264,15 +314,25 @@ class _Stages:
         yield from buffer
 
     def decode(self, samples):
+        """Decoded, checked, transformed samples. A sample whose image does not decode or whose
+        annotations do not fit it (`checked_annotations`: sizes, boxes, category ids) is
+        skipped and counted by kind."""
         for sample in samples:
             try:
                 image = decode_image_bytes(sample["image"])
-                target = target_from_meta(sample["meta"])
-                if self.keep_annotations:  # evaluation scores against the file's own boxes
-                    target["annotations"] = sample["meta"]["annotations"]
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - decoders raise many kinds
                 self.counter.skip("corrupt image", sample, err)
                 continue
+            meta = sample["meta"]
+            try:
+                annotations = checked_annotations(meta, *image.shape[1:], self.categories)
+            except SampleError as err:
+                self.counter.skip(err.kind, sample, err)
+                continue
+            self.counter.good()
+            target = target_from_meta({**meta, "annotations": annotations})
+            if self.keep_annotations:  # evaluation scores against the file's own boxes
+                target["annotations"] = annotations
             yield self.transforms(image, target, self.rng)
 
     @property
@@ -325,6 +385,8 @@ class _Stages:
             packed += [self.pack(group) for group in groups.values() if group]
         if packed:
             yield packed
+        elif self.counter.counts:  # no batch left to carry the last skips: report them alone
+            yield [{worker_id_and_count()[0]: dict(self.counter.counts)}]
 
     def pack(self, samples: list[tuple[torch.Tensor, dict]]) -> _Packed:
         worker, _ = worker_id_and_count()
@@ -370,8 +432,11 @@ class _Loader:
         views = SlotViews(give_back)
         produced = 0
         try:
-            for item in self.loader:
+            for item in _unwrapped(self.loader):
                 for packed in item:
+                    if isinstance(packed, dict):  # a worker's final skip counts
+                        self._skipped.update(packed)
+                        continue
                     if produced == self.num_batches:
                         break
                     batch = _unpack(packed, views)
@@ -394,6 +459,15 @@ class _Loader:
         for counts in self._skipped.values():
             total.update(counts)
         return dict(total)
+
+
+def _unwrapped(loader) -> Iterator:
+    """Items of `loader`; an `UnusableDataError` from a loader worker comes out with its own
+    message (the DataLoader wraps it in the worker's traceback)."""
+    try:
+        yield from loader
+    except UnusableDataError as err:
+        raise UnusableDataError(str(err).rsplit("UnusableDataError: ", 1)[-1].strip()) from None
 
 
 def _data_loader(pipeline, num_workers: int):
@@ -424,18 +498,28 @@ def train_loader(
     rank: int | None = None,
     world_size: int | None = None,
     group_by_aspect: bool = True,
+    categories: Iterable[int] | None = None,
+    max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
 ) -> _Loader:
     """Exactly `batches_per_epoch` batches on every rank, from resampled shards.
 
     `repeat_threshold=None` turns repeat-factor sampling off; `group_by_aspect` batches
     landscape and portrait images separately (`_Stages.batches`). `rank`/`world_size` default to
-    the environment; passing them simulates a rank.
+    the environment; passing them simulates a rank. A sample with a category id outside
+    `categories` (None: any), a bad box or a corrupt image is skipped and counted; after
+    `max_bad_in_a_row` such samples in a row the loader raises `UnusableDataError`.
     """
     shards = shards if isinstance(shards, ShardSet) else ShardSet.open(shards)
     env_rank, env_world = rank_and_world()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
-    stages = _Stages(transforms, hash((seed, epoch)), rank)
+    stages = _Stages(
+        transforms,
+        hash((seed, epoch)),
+        rank,
+        categories=categories,
+        max_bad_in_a_row=max_bad_in_a_row,
+    )
     factors = (
         category_repeat_factors(shards.category_images(), shards.num_samples, repeat_threshold)
         if repeat_threshold
@@ -490,6 +574,7 @@ def eval_loader(
     num_workers: int = 2,
     rank: int | None = None,
     world_size: int | None = None,
+    categories: Iterable[int] | None = None,
 ) -> _Loader:
     """Every image exactly once across ranks; the same number of batches on every rank.
 
@@ -503,7 +588,7 @@ def eval_loader(
     workers = min(num_workers, max(len(d) for d in dealt)) if dealt[rank] else 0
     counts = [eval_batch_count(shards.samples_per_shard, d, batch_size, workers) for d in dealt]
     urls = [shards.urls[i] for i in dealt[rank]]
-    stages = _Stages(transforms, 0, rank, keep_annotations=True)
+    stages = _Stages(transforms, 0, rank, keep_annotations=True, categories=categories)
     if not urls:
         return _Loader([], None, 0, pad_to=max(counts))
     pipeline = wds.DataPipeline(

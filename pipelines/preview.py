@@ -4,32 +4,49 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
+import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from pipelines.shards import ShardSet
+from pipelines.tarstream import tar_samples
+
+log = logging.getLogger(__name__)
 
 
-def iter_samples(shards: ShardSet, limit: int | None = None) -> Iterator[tuple[Image.Image, dict]]:
-    """(image, json) of the first `limit` samples, read straight from the tar files."""
+def iter_samples(
+    shards: ShardSet, limit: int | None = None, skipped: Counter | None = None
+) -> Iterator[tuple[Image.Image, dict]]:
+    """(image, json) of the first `limit` readable samples, in shard order. A sample whose
+    image or json does not decode, or a shard that cannot be read, is warned about with its
+    shard and key and counted in `skipped` by kind."""
+    skipped = Counter() if skipped is None else skipped
+
+    def unreadable(err: Exception) -> bool:
+        skipped["unreadable shard data"] += 1
+        log.warning("skipping unreadable shard data: %s", err)
+        return True
+
     seen = 0
-    for url in shards.urls:
-        with tarfile.open(url) as tar:
-            pending: dict[str, dict] = {}
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                pending.setdefault(key, {})[ext] = tar.extractfile(member).read()
-                entry = pending[key]
-                if "json" in entry and ("jpg" in entry or "png" in entry):
-                    del pending[key]
-                    data = entry.get("jpg") or entry.get("png")
-                    yield Image.open(io.BytesIO(data)).convert("RGB"), json.loads(entry["json"])
-                    seen += 1
-                    if limit is not None and seen >= limit:
-                        return
+    for sample in tar_samples(({"url": url} for url in shards.urls), unreadable):
+        data = sample.get("jpg") or sample.get("png")
+        try:
+            if data is None or "json" not in sample:
+                raise ValueError(f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            meta = json.loads(sample["json"])
+        except Exception as err:  # noqa: BLE001 - decoders raise many kinds
+            skipped["unreadable sample"] += 1
+            log.warning("skipping %s key %s: %s", sample["__url__"], sample["__key__"], err)
+            continue
+        yield image.convert("RGB"), meta
+        seen += 1
+        if limit is not None and seen >= limit:
+            return
 
 
 def summary(shards: ShardSet, names: Mapping[int, str] | None = None, top: int = 10) -> list[str]:
@@ -83,10 +100,12 @@ def draw_samples(
     count: int = 8,
     columns: int = 4,
     cell: int = 320,
+    skipped: Counter | None = None,
 ) -> Path:
-    """A PNG grid of the first `count` samples with their boxes and category names."""
+    """A PNG grid of the first `count` readable samples with their boxes and category names;
+    unreadable ones are skipped and counted in `skipped`."""
     tiles = []
-    for image, meta in iter_samples(shards, count):
+    for image, meta in iter_samples(shards, count, skipped):
         scale = cell / max(image.width, image.height)
         tile = image.resize(
             (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -96,7 +115,7 @@ def draw_samples(
         texts = [names.get(c, str(c)) if names else str(c) for c in cats]
         tiles.append(draw_boxes(tile, boxes, texts))
     if not tiles:
-        raise ValueError(f"no samples to draw in {shards.root}")
+        raise ValueError(f"no readable samples to draw in {shards.root}")
     rows = (len(tiles) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell, rows * cell), (32, 32, 32))
     for k, tile in enumerate(tiles):

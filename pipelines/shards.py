@@ -19,14 +19,43 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from pipelines.annotations import CheckReport, ImageRecord, image_kind
+from pipelines.annotations import (
+    AnnotationError,
+    CheckReport,
+    ImageRecord,
+    Problem,
+    image_kind,
+    image_path,
+)
 from pipelines.parallel import map_jobs
 from taxonomy.files import atomic_output, file_sha256
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vastdet.shards/1"
+
+
+def check_shard_name(name, manifest: Path) -> str:
+    """A shard's name in a manifest must be a plain relative file name inside the manifest's
+    folder. A name is data from a file: a `pipe:` name would run a command when the shards
+    are opened, an absolute or `..` name would read outside the folder. URLs and pipes are for
+    the user's own config or command line."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if (
+        not parts
+        or ":" in name
+        or "\\" in name
+        or PurePosixPath(name).is_absolute()
+        or ".." in parts
+        or name.startswith("~")
+    ):
+        raise ValueError(
+            f"{manifest}: shard name {name!r} is not a plain file name inside the manifest's "
+            "folder (no scheme such as pipe: or s3://, no absolute path, no '..'); "
+            "refusing to open it"
+        )
+    return name
 
 
 def sample_key(image_id: int) -> str:
@@ -41,10 +70,10 @@ class FileImageReader:
         self.root = Path(root)
 
     def __call__(self, record: ImageRecord) -> bytes:
-        return (self.root / record.file_name).read_bytes()
+        return image_path(self.root, record.file_name).read_bytes()
 
     def size(self, record: ImageRecord) -> int:
-        return (self.root / record.file_name).stat().st_size
+        return image_path(self.root, record.file_name).stat().st_size
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -55,27 +84,60 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def image_problem(data: bytes, record: ImageRecord) -> Problem | None:
+    """Why an image's bytes cannot go into a shard, or None: not JPEG or PNG, not decodable
+    (a file that passes the magic-byte check may still be truncated or corrupt), or a size
+    other than the annotation file's (its boxes were checked against that size)."""
+    from pipelines.transforms import decode_image_bytes
+
+    where = record.file_name
+    if image_kind(data[:8]) is None:
+        return Problem(where, record.image_id, "not an image", "neither JPEG nor PNG")
+    try:
+        _, height, width = decode_image_bytes(data).shape
+    except Exception as err:  # noqa: BLE001 - decoders raise many kinds
+        return Problem(where, record.image_id, "undecodable image", str(err).splitlines()[0])
+    if (width, height) != (record.width, record.height):
+        return Problem(
+            where,
+            record.image_id,
+            "image size mismatch",
+            f"the annotations say {record.width}x{record.height}, the file is {width}x{height}",
+        )
+    return None
+
+
 def write_shard(
-    path: Path, records: Sequence[ImageRecord], read_image: Callable[[ImageRecord], bytes]
-) -> dict:
-    """Write one shard (atomically); returns its manifest entry."""
+    path: Path,
+    records: Sequence[ImageRecord],
+    read_image: Callable[[ImageRecord], bytes],
+    on_error: str = "raise",
+) -> tuple[dict, list[Problem]]:
+    """Write one shard (atomically); returns its manifest entry and the images left out.
+
+    Every image is decoded once on the way in (`image_problem`): `on_error="raise"` stops at
+    the first bad one, naming it; `"skip"` leaves it out and reports it."""
+    problems, written = [], 0
     with atomic_output(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for record in records:
             data = read_image(record)
-            kind = image_kind(data[:8])
-            if kind is None:
-                raise ValueError(
-                    f"image {record.image_id} ({record.file_name}) is neither JPEG nor PNG"
-                )
+            problem = image_problem(data, record)
+            if problem is not None:
+                if on_error == "raise":
+                    raise AnnotationError(f"{problem} (pass on_error='skip' to leave it out)")
+                problems.append(problem)
+                continue
             key = sample_key(record.image_id)
-            _add_member(tar, f"{key}.{kind}", data)
+            _add_member(tar, f"{key}.{image_kind(data[:8])}", data)
             _add_member(tar, f"{key}.json", json.dumps(record.sample_json()).encode())
-    return {
+            written += 1
+    entry = {
         "name": path.name,
-        "samples": len(records),
+        "samples": written,
         "bytes": path.stat().st_size,
         "sha256": file_sha256(path),
     }
+    return entry, problems
 
 
 def plan_shards(
@@ -120,8 +182,11 @@ def write_shards(
     categories_file: str | os.PathLike | None = None,
     check_report: CheckReport | None = None,
     progress: bool = True,
+    on_error: str = "raise",
 ) -> dict:
-    """Write all shards and the manifest; returns the manifest."""
+    """Write all shards and the manifest; returns the manifest. Images that do not decode or
+    whose size is not the record's stop the writing (`on_error="raise"`) or are left out and
+    counted in `check_report` and the manifest's `skipped` (`"skip"`)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -130,25 +195,34 @@ def write_shards(
     plans = plan_shards(sizes, len(records), max_samples, max_bytes)
     width = max(6, len(str(len(plans))))
     paths = [out / f"{prefix}-{k:0{width}d}.tar" for k in range(len(plans))]
-    jobs = [(p, [records[i] for i in plan], read_image) for p, plan in zip(paths, plans)]
+    jobs = [(p, [records[i] for i in plan], read_image, on_error) for p, plan in zip(paths, plans)]
     bar = tqdm(
         total=len(records), desc=f"writing {len(plans)} shards", unit="img", disable=not progress
     )
-    entries = []
-    for entry in map_jobs(_write_job, jobs, workers):
-        entries.append(entry)
-        bar.update(entry["samples"])
+    entries, left_out = [], set()
+    for entry, problems in map_jobs(_write_job, jobs, workers):
+        bar.update(entry["samples"] + len(problems))
+        left_out.update(p.image_id for p in problems)
+        if check_report is not None:
+            check_report.problems.extend(problems)
+        if entry["samples"]:
+            entries.append(entry)
+        else:  # every image of this shard was left out
+            (out / entry["name"]).unlink()
     bar.close()
+    if left_out:
+        records = [r for r in records if r.image_id not in left_out]
     instances, images = category_histograms(records)
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": source,
-        "num_samples": len(records),
+        "num_samples": sum(e["samples"] for e in entries),
         "num_instances": sum(instances.values()),
         "shards": entries,
         "category_instances": {str(k): v for k, v in instances.items()},
         "category_images": {str(k): v for k, v in images.items()},
-        "categories_file": os.fspath(categories_file) if categories_file else None,
+        # relative to the manifest, so that the folder can move with its category file
+        "categories_file": os.path.relpath(categories_file, out) if categories_file else None,
         "categories_file_sha256": file_sha256(categories_file) if categories_file else None,
         "skipped": check_report.counts() if check_report else {},
     }
@@ -157,9 +231,8 @@ def write_shards(
     return manifest
 
 
-def _write_job(job) -> dict:
-    path, records, read_image = job
-    return write_shard(path, records, read_image)
+def _write_job(job) -> tuple[dict, list[Problem]]:
+    return write_shard(*job)
 
 
 @dataclass(frozen=True)
@@ -178,10 +251,25 @@ class ShardSet:
             raise FileNotFoundError(
                 f"no shard manifest at {manifest_path} (write shards with `vastdet data shard`)"
             )
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT:
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{manifest_path}: not a JSON manifest ({err})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"{manifest_path} is not a vastdet shard manifest")
+        for entry in manifest.get("shards", []):
+            check_shard_name(entry.get("name") if isinstance(entry, dict) else entry, manifest_path)
         return cls(manifest_path.parent, manifest)
+
+    @property
+    def categories_file(self) -> Path | None:
+        """The category file the shards were written against (recorded relative to the
+        manifest; manifests from before that recorded it relative to the writer's folder)."""
+        recorded = self.manifest.get("categories_file")
+        if not recorded:
+            return None
+        beside = self.root / recorded
+        return beside if beside.exists() or not Path(recorded).exists() else Path(recorded)
 
     @property
     def urls(self) -> list[str]:

@@ -13,7 +13,8 @@ sample with `__key__` and `__url__`; names without an extension and `__meta__` f
 skipped. Streams come from webdataset's `gopen`, so the same URLs work (local paths,
 `pipe:`, `http(s)://`, ...).
 
-A bad checksum, a truncated member or a duplicate field raises inside the shard; the handler
+A bad checksum, a truncated member, an archive that ends without its end-of-archive marker
+(a shard cut short between members) or a duplicate field raises inside the shard; the handler
 decides (the loaders count it and go on with the next shard). Samples before the error are kept.
 """
 
@@ -72,8 +73,10 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     pax: dict[str, str] = {}
     while True:
         header = stream.read(BLOCK)
-        if not header or header.count(0) == BLOCK:  # end of archive
+        if header.count(0) == BLOCK:  # the end-of-archive marker
             return
+        if not header:  # a shard cut short at a member boundary still lacks the marker
+            raise TarFormatError("truncated archive: it ends without the end-of-archive marker")
         if len(header) != BLOCK:
             raise TarFormatError(f"truncated header: {len(header)} bytes")
         stored = _number(header[148:156])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -179,16 +179,19 @@ class NormalizeBoxes:
         return image, {**target, "boxes": boxes, "size": np.array([h, w], dtype=np.int64)}
 
 
+POSITIVE = {"min": 1}  # the config loader's lower bound (vastdet.config.at_least)
+
+
 @dataclass(frozen=True)
 class TransformConfig:
     """Augmentation settings; the defaults are DINO's COCO recipe."""
 
-    scales: tuple[int, ...] = tuple(range(480, 801, 32))
-    max_size: int = 1333
-    crop_resize: tuple[int, ...] = (400, 500, 600)  # () disables the crop branch
-    crop_size: tuple[int, int] = (384, 600)
-    flip_prob: float = 0.5
-    eval_size: int = 800
+    scales: tuple[int, ...] = field(default=tuple(range(480, 801, 32)), metadata=POSITIVE)
+    max_size: int = field(default=1333, metadata=POSITIVE)
+    crop_resize: tuple[int, ...] = field(default=(400, 500, 600), metadata=POSITIVE)  # () no crop
+    crop_size: tuple[int, int] = field(default=(384, 600), metadata=POSITIVE)
+    flip_prob: float = field(default=0.5, metadata={"min": 0.0})
+    eval_size: int = field(default=800, metadata=POSITIVE)
 
 
 def build_transforms(cfg: TransformConfig, train: bool) -> Compose:

@@ -50,7 +50,10 @@ def ann(i, image_id, bbox, cat=1):
         (ann(9, 2, [1, 1, 3]), "malformed box"),
         (ann(9, 2, [50, 1, 5, 5]), "box outside image"),
         (ann(9, 2, [1, 1, 5, 5], cat=77), "unknown category id"),
+        (ann(9, 2, [1, 1, 5, 5], cat=True), "unknown category id"),  # a bool is not id 1
         (ann(9, 5, [1, 1, 5, 5]), "unknown image id"),
+        ({**ann(9, 2, [1, 1, 5, 5]), "iscrowd": "yes"}, "malformed annotation"),
+        ({**ann(9, 2, [1, 1, 5, 5]), "area": -3}, "malformed annotation"),
     ],
 )
 def test_each_bad_annotation_is_reported_with_file_and_image_id(tmp_path, bad, kind):
@@ -149,5 +152,34 @@ def test_non_image_file_is_refused_when_writing(tmp_path):
     path = write_dataset(tmp_path, [])
     (tmp_path / "img/1.jpg").write_bytes(b"GIF89a not a jpeg")
     records, _ = load_coco(path, tmp_path)
-    with pytest.raises(ValueError, match="image 1 .*neither JPEG nor PNG"):
+    with pytest.raises(ValueError, match="1.jpg: image 1: .*neither JPEG nor PNG"):
         write_shards(records, FileImageReader(tmp_path), tmp_path / "s", workers=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, kind",
+    [
+        (
+            lambda root: (root / "img/2.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(99)),
+            "undecodable image",
+        ),
+        (lambda root: Image.new("RGB", (30, 40)).save(root / "img/2.jpg"), "image size mismatch"),
+    ],
+)
+def test_images_that_do_not_decode_or_fit_their_entry_are_refused_or_counted(
+    tmp_path, change, kind
+):
+    """A JPEG that passes the magic-byte check but does not decode, or whose size is not the
+    annotation file's (its boxes were checked against that size), stops the writing naming the
+    image, or with on_error='skip' is left out and counted."""
+    path = write_dataset(tmp_path, [ann(1, 1, [2, 2, 10, 10]), ann(2, 2, [2, 2, 5, 5], 2)])
+    change(tmp_path)
+    records, report = load_coco(path, tmp_path)
+    with pytest.raises(AnnotationError, match=rf"img/2.jpg: image 2: {kind}"):
+        write_shards(records, FileImageReader(tmp_path), tmp_path / "s", workers=1, progress=False)
+    manifest = write_shards(
+        records, FileImageReader(tmp_path), tmp_path / "k", workers=1, progress=False,
+        check_report=report, on_error="skip",
+    )  # fmt: skip
+    assert manifest["num_samples"] == 1 and manifest["category_images"] == {"1": 1}
+    assert manifest["skipped"] == {kind: 1}

@@ -125,3 +125,18 @@ def test_an_endless_stream_over_unreadable_shards_raises(tmp_path):
     with pytest.raises(RuntimeError, match="10 shards in a row gave no sample"):
         for _ in tar_samples(endless(), handler=lambda err: True, max_failed_in_a_row=10):
             pass
+
+
+def test_a_shard_cut_short_between_members_is_reported_not_taken_as_complete(tmp_path):
+    path = tmp_path / "cut.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "a.json", "b.jpg", "b.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    whole = path.read_bytes()
+    path.write_bytes(whole[: 4 * 1024])  # four members of 512 + 512 bytes: cut after them
+    errors = []
+    keys = [s["__key__"] for s in tar_samples([{"url": str(path)}], lambda e: not errors.append(e))]
+    assert keys == ["a"]  # the sample still open when the stream broke is not trusted
+    assert "ends without the end-of-archive marker" in str(errors[0])
