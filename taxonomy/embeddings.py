@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from taxonomy.files import atomic_output, file_sha256
+from taxonomy.files import atomic_output, file_sha256, load_data
 from taxonomy.tree import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,7 @@ class CategoryEmbeddings:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CategoryEmbeddings:
-        # weights_only: the file holds tensors, strings and lists only, and may come from a user
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_data(path)  # tensors, strings and lists, maybe from a user: data only
         if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
             raise ValueError(f"{path} is not a vastdet category-embedding file")
         return cls(

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from taxonomy.files import atomic_output
+from taxonomy.files import atomic_output, load_data
 from vastdet.engine import checkpoints
+from vastdet.engine.partitions import consolidated_weights
 
 EXPORT_FORMAT = "vastdet.model/1"
 
@@ -18,23 +19,15 @@ def consolidated_state(
     run_dir: str | os.PathLike, tag: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(fp32 state dict, run config, tag) of a run's checkpoint (default: the newest complete
-    one), gathered from ZeRO partitions when there are any. Needs DeepSpeed, not a process group."""
-    from vastdet.engine.train import _prepare_deepspeed
-
-    _prepare_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    one), gathered from ZeRO partitions when there are any. Every file is read as data only
+    (`vastdet.engine.partitions`): a run folder may come from anyone."""
     run = Path(run_dir)
     ckpt_dir = run / "checkpoints"
     tags = checkpoints.complete_tags(ckpt_dir)
     if not tags:
         raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
     tag = tag or tags[-1]
-    if any((ckpt_dir / tag).glob("zero_pp_rank_*")):  # ZeRO 1-3: partitions to consolidate
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:  # stage 0: the module's weights are stored whole
-        files = ckpt_dir / tag / "mp_rank_00_model_states.pt"
-        state = torch.load(files, map_location="cpu", weights_only=True)["module"]
+    state = consolidated_weights(ckpt_dir / tag)
     return state, json.loads((run / "config.json").read_text()), tag
 
 
@@ -86,8 +79,7 @@ def load_model(path: str | os.PathLike):
 
 def read_exported(path: str | os.PathLike) -> dict:
     """An exported file's payload; names a file that is not one."""
-    # weights_only: an exported model is data a user hands us, never code to run
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_data(path)  # an exported model is data a user hands us, never code to run
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
     return payload
