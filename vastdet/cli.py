@@ -6,12 +6,13 @@ import argparse
 import logging
 import sys
 
-from pipelines.annotations import AnnotationError
+from pipelines.annotations import AnnotationError, UnusableDataError
 from pipelines.cli import add_commands as add_data_commands
 from taxonomy import TaxonomyError
 from taxonomy.cli import add_commands as add_taxonomy_commands
 from vastdet.config import ConfigError
 from vastdet.engine.cli import add_commands as add_engine_commands
+from vastdet.evaluation import IncompleteEvaluationError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         KeyError,
         ValueError,
+        UnusableDataError,
+        IncompleteEvaluationError,
     ) as err:
         print(f"vastdet: error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 `load_config(path_or_preset, cls)` reads YAML with `yaml.safe_load` and builds `cls`, recursing
 into dataclass-typed fields. Unknown keys are rejected with a message naming the key, where it
-sits and the file; values are checked against the field types. Presets ship in
+sits and the file; values are checked against the field types and against the lower bound a
+field declares (`at_least`: counts such as `steps` must be positive). Float fields also take
+YAML 1.1's exponent forms that PyYAML reads as strings (`lr: 1e-4`). Presets ship in
 `vastdet/configs/` and are named without `.yaml` (`vastdet train --config demo`).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +26,44 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration that does not fit its schema; names the key and the file."""
+
+
+# YAML 1.1 (PyYAML) reads `1e-4` and `1.0e5` as strings: its floats need a dot and a signed
+# exponent. A float field takes any decimal number written this way.
+DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def at_least(minimum: float, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field whose number (or each number of a list) must be >= `minimum`; checked
+    when a config is loaded, the error naming the key and the file. Other modules declare the
+    same bound as `field(metadata={"min": n})`."""
+    return dataclasses.field(default=default, metadata={"min": minimum}, **kwargs)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML file's top-level mapping; a file that is not UTF-8 YAML gets one clear error."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})"
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    data = data if data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _check_minimum(value: Any, minimum: float, where: str, source: str) -> None:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, (int, float)) and not item >= minimum:
+            raise ConfigError(f"{source}: {where} must be at least {minimum}, not {value!r}")
 
 
 def preset_path(name: str | os.PathLike) -> Path:
@@ -69,6 +110,8 @@ def _convert(value: Any, hint: Any, where: str, source: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+        return float(value)
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
@@ -88,10 +131,7 @@ def from_dict(cls: type[T], data: dict, source: str = "<config>", where: str = "
         if str(data["preset"]) in seen:
             raise ConfigError(f"{source}: presets name each other in a loop: {sorted(seen)}")
         seen.add(str(data["preset"]))
-        base_path = preset_path(data["preset"])
-        base = yaml.safe_load(base_path.read_text()) or {}
-        if not isinstance(base, dict):
-            raise ConfigError(f"{base_path}: the top level must be a mapping")
+        base = read_yaml(preset_path(data["preset"]))
         data = {**base, **{k: v for k, v in data.items() if k != "preset"}}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -102,6 +142,11 @@ def from_dict(cls: type[T], data: dict, source: str = "<config>", where: str = "
     values = {
         k: _convert(v, hints[k], f"{where}.{k}" if where else k, source) for k, v in data.items()
     }
+    for f in dataclasses.fields(cls):
+        if "min" in f.metadata and f.name in values:
+            _check_minimum(
+                values[f.name], f.metadata["min"], f"{where}.{f.name}".lstrip("."), source
+            )
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -111,7 +156,4 @@ def from_dict(cls: type[T], data: dict, source: str = "<config>", where: str = "
 def load_config(name: str | os.PathLike, cls: type[T]) -> T:
     """Read a YAML file or preset into `cls`."""
     path = preset_path(name)
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return from_dict(cls, data, str(path))
+    return from_dict(cls, read_yaml(path), str(path))

@@ -34,6 +34,11 @@ def add_commands(subparsers) -> None:
     evaluate.add_argument("--categories", help="category/taxonomy file (default: the run's)")
     evaluate.add_argument("--batch-size", type=int, default=2)
     evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score even if fewer images were read than the shards list (default: fail)",
+    )
     evaluate.set_defaults(handler=_eval)
     predict = subparsers.add_parser("predict", help="detect objects in image files")
     predict.add_argument("images", nargs="+", type=Path)
@@ -75,7 +80,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vastdet.evaluation.runner import EvalConfig, format_metrics, run_eval
 
-    cfg = EvalConfig(args.protocol, args.batch_size, args.workers)
+    cfg = EvalConfig(args.protocol, args.batch_size, args.workers, args.allow_partial)
     metrics = run_eval(args.model, args.shards, args.output, cfg, args.categories)
     if metrics is not None:
         print(format_metrics(metrics))
@@ -86,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from vastdet.evaluation.predict import predict_images
 
-    results = predict_images(
+    results, drawn = predict_images(
         args.checkpoint,
         args.images,
         args.output,
@@ -97,5 +102,5 @@ def _predict(args: argparse.Namespace) -> int:
     )
     print(f"{len(results)} detections in {len(args.images)} images written to {args.output}")
     if args.draw:
-        print(f"drawings in {args.draw}")
+        print(f"{drawn} detections scored >= {args.threshold} and are drawn in {args.draw}")
     return 0

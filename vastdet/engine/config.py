@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pipelines.transforms import TransformConfig
-from vastdet.config import load_config
+from vastdet.config import at_least, load_config
 from vastdet.evaluation.runner import EvalConfig
 from vastdet.models.build import ModelConfig
 
@@ -24,16 +24,16 @@ class ParamGroup:
 class OptimConfig:
     """AdamW with DINO's defaults: lr 1e-4, backbone at 0.1x, weight decay 1e-4, clip 0.1."""
 
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
+    lr: float = at_least(0.0, 1e-4)
+    weight_decay: float = at_least(0.0, 1e-4)
     betas: tuple[float, float] = (0.9, 0.999)
     param_groups: list[ParamGroup] = field(
         default_factory=lambda: [ParamGroup(r"^backbone\.", 0.1)]
     )
-    warmup_steps: int = 0
-    decay_steps: list[int] = field(default_factory=list)  # multiply the lr by decay_gamma at each
-    decay_gamma: float = 0.1
-    clip_grad: float = 0.1
+    warmup_steps: int = at_least(0, 0)
+    decay_steps: list[int] = at_least(0, default_factory=list)  # lr x decay_gamma at each
+    decay_gamma: float = at_least(0.0, 0.1)
+    clip_grad: float = at_least(0.0, 0.1)
 
 
 @dataclass
@@ -41,10 +41,10 @@ class DataConfig:
     train_shards: str = ""
     val_shards: str | None = None
     categories: str | None = None  # a taxonomy/category file; default: the manifest's
-    batch_size: int = 2  # per rank and micro-step
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    repeat_threshold: float | None = 1e-3
+    batch_size: int = at_least(1, 2)  # per rank and micro-step
+    num_workers: int = at_least(0, 2)
+    shuffle_buffer: int = at_least(1, 1000)
+    repeat_threshold: float | None = at_least(0.0, 1e-3)
     group_by_aspect: bool = True  # landscape and portrait images in separate batches
     transforms: TransformConfig = field(default_factory=TransformConfig)
 
@@ -54,17 +54,17 @@ class TrainConfig:
     model: ModelConfig | str = "dino_r50_4scale"  # a preset name, a file, or the settings inline
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 1000  # optimizer steps in all
-    steps_per_epoch: int = 500  # batches per rank per epoch (streams are resampled)
-    grad_accum: int = 1
+    steps: int = at_least(1, 1000)  # optimizer steps in all
+    steps_per_epoch: int = at_least(1, 500)  # batches per rank per epoch (resampled streams)
+    grad_accum: int = at_least(1, 1)
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 or bf16
     seed: int = 42
     output_dir: str = "runs/default"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    checkpoint_every: int = at_least(1, 500)
+    keep_checkpoints: int = at_least(0, 2)  # 0 keeps every checkpoint
+    log_every: int = at_least(1, 10)
+    max_nonfinite: int = at_least(0, 5)  # consecutive non-finite losses before the run stops
     eval: EvalConfig = field(default_factory=EvalConfig)  # run at the end when data.val_shards
 
     def __post_init__(self) -> None:

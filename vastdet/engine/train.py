@@ -21,6 +21,7 @@ import torch
 
 from vastdet.engine import checkpoints
 from vastdet.engine.config import OptimConfig, TrainConfig, load_train_config
+from vastdet.engine.partitions import DataOnlyCheckpointEngine
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +42,15 @@ def _prepare_deepspeed():
     return deepspeed
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(deepspeed) -> tuple[int, int]:
-    """Join the process group the environment describes (a no-op for one process)."""
+    """Join the process group the environment describes. A plain single process (no
+    WORLD_SIZE) makes a world of one over an in-memory store: it opens no rendezvous port."""
     if not torch.distributed.is_initialized():
-        if "WORLD_SIZE" not in os.environ:  # a plain single process: a world of one on loopback
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            store = torch.distributed.HashStore()
+            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -110,12 +105,32 @@ def _categories(cfg: TrainConfig, shards):
     shards' manifest names)."""
     from taxonomy import load_taxonomy
 
-    source = cfg.data.categories or shards.manifest.get("categories_file")
+    source = cfg.data.categories or shards.categories_file
     if not source or not Path(source).is_file():
         raise FileNotFoundError(
-            f"no category file: set data.categories (the shards' manifest names {source!r})"
+            f"no category file: set data.categories (the shards' manifest names "
+            f"{os.fspath(source) if source else 'none'})"
         )
     return load_taxonomy(source)
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep only the metrics lines up to `step` (a resumed run logs the steps after its
+    checkpoint again) and drop a line cut short by a kill."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    from taxonomy.files import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def _to_device(batch, device):
@@ -194,8 +209,14 @@ def train(config: TrainConfig | str) -> dict:
     shards = ShardSet.open(cfg.data.train_shards)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     taxonomy = _categories(cfg, shards)
-    model, criterion, post = build_model(cfg.model, taxonomy.category_ids().tolist(), taxonomy)
-    if cfg.model.init_from and not checkpoints.complete_tags(ckpt_dir):
+    resuming = bool(checkpoints.complete_tags(ckpt_dir))
+    model, criterion, post = build_model(
+        cfg.model,
+        taxonomy.category_ids().tolist(),
+        taxonomy,
+        weights_follow=resuming or bool(cfg.model.init_from),
+    )
+    if cfg.model.init_from and not resuming:
         from vastdet.engine.export import load_weights_from
 
         count = load_weights_from(model, cfg.model.init_from)
@@ -205,6 +226,8 @@ def train(config: TrainConfig | str) -> dict:
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world)
     )
+    # a run folder may have been handed to us: its checkpoint is read as data, never unpickled
+    engine.checkpoint_engine = DataOnlyCheckpointEngine(engine.checkpoint_engine)
     step = epoch = consumed = 0
     tags = checkpoints.complete_tags(ckpt_dir)
     if tags:
@@ -216,7 +239,10 @@ def train(config: TrainConfig | str) -> dict:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    if rank == 0:
+        drop_metrics_after(out_dir / "metrics.jsonl", step)
     metrics = (out_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    known = taxonomy.category_ids().tolist()  # samples with other category ids are skipped
     transforms = build_transforms(cfg.data.transforms, train=True)
     nonfinite = skipped_steps = 0
     last: dict = {}
@@ -236,6 +262,7 @@ def train(config: TrainConfig | str) -> dict:
             repeat_threshold=cfg.data.repeat_threshold,
             num_workers=cfg.data.num_workers,
             group_by_aspect=cfg.data.group_by_aspect,
+            categories=known,
         )
         wait_start, tick = time.perf_counter(), time.perf_counter()
         images_seen = 0
@@ -284,6 +311,7 @@ def train(config: TrainConfig | str) -> dict:
                         "images_per_s": images_seen * world / max(elapsed, 1e-9),
                         "data_wait_s": data_wait,
                         "skipped_samples": sum(loader.skipped().values()),
+                        "skipped": loader.skipped(),  # this rank's, by kind, this epoch
                         "skipped_steps": skipped_steps,
                     }
                     if metrics:
@@ -326,7 +354,7 @@ def _evaluate(engine, post, cfg: TrainConfig, rank: int) -> dict | None:
     from vastdet.evaluation.runner import evaluate_model, find_taxonomy, format_metrics
 
     shards = ShardSet.open(cfg.data.val_shards)
-    taxonomy = find_taxonomy(cfg.data.categories, shards.manifest.get("categories_file"))
+    taxonomy = find_taxonomy(cfg.data.categories, shards.categories_file)
     engine.eval()
     out = evaluate_model(
         engine,

@@ -37,11 +37,14 @@ def predict_images(
     batch_size: int = 2,
     draw_threshold: float = 0.3,
     categories: str | os.PathLike | None = None,
-) -> list[dict]:
-    """COCO result dicts (image_id = position in `images`, plus `file_name`) written to
-    `output`; with `draw_dir`, one PNG per image with the detections scoring >= draw_threshold."""
+) -> tuple[list[dict], int | None]:
+    """COCO result dicts (image_id = position in `images`, plus `file_name`, boxes clipped to
+    the image) written to `output`, and with `draw_dir` one PNG per image with the detections
+    scoring >= draw_threshold (and how many those were; None without `draw_dir`). Category
+    names come from `categories`, else the run's category file, else the one its training
+    shards' manifest names."""
     from vastdet.engine.export import load_model
-    from vastdet.evaluation.runner import eval_transforms, find_taxonomy, write_json
+    from vastdet.evaluation.runner import eval_transforms, write_json
 
     model, post, config = load_model(model_path)
     if post is None:
@@ -61,23 +64,55 @@ def predict_images(
         outputs = model(batch.images.to(device), batch.masks.to(device))
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
         for det in post.coco_results(outputs, sizes, [t["image_id"] for t in batch.targets]):
+            height, width = sizes[det["image_id"] - start].tolist()
+            det["bbox"] = clip_xywh(det["bbox"], width, height)
             results.append({**det, "file_name": str(paths[det["image_id"]])})
     write_json(Path(output), results)
     if draw_dir is not None:
-        taxonomy = find_taxonomy(categories, config["data"].get("categories"))
-        draw_detections(paths, results, Path(draw_dir), draw_threshold, taxonomy)
-    return results
+        names = category_names(config, categories)
+        _, drawn = draw_detections(paths, results, Path(draw_dir), draw_threshold, names)
+        return results, drawn
+    return results, None
+
+
+def category_names(config: dict, categories: str | os.PathLike | None = None) -> dict[int, str]:
+    """Category id -> name for labels: from `categories`, else the run's category file, else
+    the file its training shards' manifest names; empty when none is found (ids are shown)."""
+    from vastdet.evaluation.runner import find_taxonomy, manifest_categories
+
+    taxonomy = find_taxonomy(
+        categories,
+        config["data"].get("categories"),
+        manifest_categories(config["data"].get("train_shards")),
+    )
+    return taxonomy.category_names() if taxonomy is not None else {}
+
+
+def clip_xywh(box: list[float], width: int, height: int) -> list[float]:
+    """A COCO box cut to the image (a prediction may reach past its edges)."""
+    x0, y0 = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
+    x1, y1 = min(max(box[0] + box[2], 0.0), width), min(max(box[1] + box[3], 0.0), height)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+DRAW_MIN_SIDE = 640  # smaller images are drawn scaled up, so that labels leave them visible
 
 
 def draw_detections(
-    paths: list[Path], results: list[dict], out_dir: Path, threshold: float, taxonomy=None
-) -> list[Path]:
-    """One PNG per image: its detections above `threshold`, labelled `name score`."""
+    paths: list[Path],
+    results: list[dict],
+    out_dir: Path,
+    threshold: float,
+    names: dict[int, str] | None = None,
+) -> tuple[list[Path], int]:
+    """One PNG per image: its detections scoring >= `threshold`, labelled `name score`;
+    images whose longer side is under `DRAW_MIN_SIDE` are scaled up first. Returns the files
+    and how many detections were drawn."""
     from PIL import Image
 
     from pipelines.preview import draw_boxes
 
-    names = taxonomy.category_names() if taxonomy is not None else {}
+    names = names or {}
     by_image: dict[int, list[dict]] = {}
     for r in results:
         if r["score"] >= threshold:
@@ -88,7 +123,11 @@ def draw_detections(
         dets = by_image.get(image_id, [])
         texts = [f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets]
         image = Image.open(path).convert("RGB")
+        scale = max(1.0, DRAW_MIN_SIDE / max(image.size))
+        if scale > 1:
+            image = image.resize((round(image.width * scale), round(image.height * scale)))
+        boxes = [[v * scale for v in d["bbox"]] for d in dets]
         out = out_dir / f"{image_id:05d}_{path.stem}.png"
-        draw_boxes(image, [d["bbox"] for d in dets], texts).save(out)
+        draw_boxes(image, boxes, texts).save(out)
         written.append(out)
-    return written
+    return written, sum(len(d) for d in by_image.values())

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vastdet.config import at_least
+from vastdet.evaluation import IncompleteEvaluationError
 from vastdet.evaluation.coco import (
     STAT_NAMES,
     category_descendants,
@@ -37,8 +40,9 @@ class EvalConfig:
     for each descendant category detected in its image (needs a category hierarchy)."""
 
     protocol: str = "coco"
-    batch_size: int = 2
-    num_workers: int = 2
+    batch_size: int = at_least(1, 2)
+    num_workers: int = at_least(0, 2)
+    allow_partial: bool = False  # score even when fewer images were read than the shards hold
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -159,19 +163,26 @@ def evaluate_model(
 ) -> tuple[dict[str, float], list[dict]] | None:
     """(metrics, detections) on rank 0, None elsewhere; rank 0 also writes `metrics.json` and
     `results.json` to `output_dir` when given. Every rank must call this. The postprocessor
-    keeps at least the protocol's detections per image."""
+    keeps at least the protocol's detections per image.
+
+    Samples that cannot be scored (corrupt images, bad boxes, category ids outside
+    `category_ids`) are skipped and counted; the metrics record `images_expected` (the
+    manifest's count), `images_evaluated` and `skipped` by kind, and rank 0 raises
+    `IncompleteEvaluationError` after writing them when images are missing, unless
+    `cfg.allow_partial`."""
     from pipelines.loader import eval_loader
 
     if post is not None:
         post.max_detections = max(post.max_detections, cfg.max_dets[-1])
-    loader = eval_loader(val_shards, cfg.batch_size, transforms, cfg.num_workers)
+    loader = eval_loader(
+        val_shards, cfg.batch_size, transforms, cfg.num_workers, categories=category_ids
+    )
     results, images, annotations, recall = predict_pass(forward, loader, post, device)
-    if loader.skipped():
-        log.warning("evaluation skipped samples: %s", loader.skipped())
     results = gather_to_rank0(results)
     images = gather_to_rank0(images)
     annotations = gather_to_rank0(annotations)
     recall = gather_to_rank0([recall])
+    skipped = gather_to_rank0([loader.skipped()])
     if results is None:
         return None
     selected, present = (sum(r[i] for r in recall) for i in (0, 1))
@@ -181,9 +192,21 @@ def evaluate_model(
         metrics = score(results, images, annotations, category_ids, cfg.protocol, taxonomy)
     if present:
         metrics["AR_C"] = selected / present  # ground-truth categories kept by the selection
+    expected = val_shards.num_samples
+    metrics.update(images_expected=expected, images_evaluated=len(images))
+    metrics["skipped"] = dict(sum((Counter(s) for s in skipped), Counter()))
+    if metrics["skipped"]:
+        log.warning("evaluation skipped samples: %s", metrics["skipped"])
     if output_dir is not None:
         write_json(Path(output_dir) / "metrics.json", metrics)
         write_json(Path(output_dir) / "results.json", results)
+    if len(images) < expected and not cfg.allow_partial:
+        raise IncompleteEvaluationError(
+            f"evaluated {len(images)} of the {expected} images the val shards list "
+            f"(skipped: {metrics['skipped'] or 'none counted: missing or truncated shards?'}); "
+            "the numbers would describe a subset. Fix the shards (`vastdet data inspect "
+            "--verify`) or allow partial evaluation (`--allow-partial`, eval.allow_partial)"
+        )
     return metrics, results
 
 
@@ -196,12 +219,18 @@ def eval_transforms(config: dict, source: str) -> Callable:
     return build_transforms(transforms, train=False)
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
-    """One line per number, COCO's names."""
+def format_metrics(metrics: dict) -> str:
+    """One line per number, COCO's names first; counts as integers, skip counts by kind."""
+
+    def shown(value) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+
     names = [n for n in STAT_NAMES if n in metrics] + sorted(
         k for k in metrics if k not in STAT_NAMES
     )
-    return "\n".join(f"{n:<12} {metrics[n]:.4f}" for n in names)
+    return "\n".join(f"{n:<16} {shown(metrics[n])}" for n in names)
 
 
 def run_eval(
@@ -225,9 +254,7 @@ def run_eval(
     model, post, config = load_model(model_path)
     transforms = eval_transforms(config, str(model_path))
     shards = ShardSet.open(val_shards)
-    taxonomy = find_taxonomy(
-        categories, config["data"].get("categories"), shards.manifest.get("categories_file")
-    )
+    taxonomy = find_taxonomy(categories, config["data"].get("categories"), shards.categories_file)
     device = next(model.parameters()).device
     out = evaluate_model(
         model,
@@ -241,6 +268,18 @@ def run_eval(
         output_dir,
     )
     return out[0] if rank == 0 and out is not None else None
+
+
+def manifest_categories(shards: str | os.PathLike | None) -> Path | None:
+    """The category file a shard set's manifest names, or None (no shards, or unreadable)."""
+    from pipelines.shards import ShardSet
+
+    if not shards:
+        return None
+    try:
+        return ShardSet.open(shards).categories_file
+    except (OSError, ValueError):
+        return None
 
 
 def find_taxonomy(*candidates: str | os.PathLike | None):

@@ -17,6 +17,8 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from taxonomy.files import load_data
+
 log = logging.getLogger(__name__)
 
 RESNETS = {
@@ -34,8 +36,7 @@ def load_weights(
 
     Keys starting with `ignore_prefixes` (a classifier head the detector does not have) are
     dropped first."""
-    # weights_only: a checkpoint a user names is data, never code to run
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_data(path)  # a checkpoint a user names is data, never code to run
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -75,8 +76,6 @@ class ResNetBackbone(nn.Module):
         net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
         if weights:
             load_weights(net, weights, f"backbone {name}")
-        else:
-            log.warning("backbone %s has no weights file: randomly initialised", name)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.out_stages = out_stages
@@ -130,8 +129,6 @@ class SwinBackbone(nn.Module):
         )
         if weights:
             load_weights(self.net, weights, f"backbone {name}", ignore_prefixes=("head.",))
-        else:
-            log.warning("backbone %s has no weights file: randomly initialised", name)
         info = self.net.feature_info
         self.channels = [info[i]["num_chs"] for i in (1, 2, 3)]
         self.strides = [info[i]["reduction"] for i in (1, 2, 3)]

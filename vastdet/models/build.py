@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from vastdet.config import at_least
 from vastdet.models.backbone import build_backbone
 from vastdet.models.category_queries import CORRELATIONS, CategoryQueries, initial_embeddings
 from vastdet.models.cq_dino import CQDINO, CategorySelector, ImageGuidedSelection
@@ -16,6 +18,7 @@ from vastdet.models.postprocess import PostProcess
 from vastdet.models.transformer import DeformableTransformer
 
 ARCHITECTURES = ("dino", "cq_dino", "cq_selector")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,35 +33,35 @@ class ModelConfig:
     architecture: str = "dino"
     backbone: str = "resnet50"
     backbone_weights: str | None = None
-    train_backbone_from_stage: int = 2
-    d_model: int = 256
-    heads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    d_ffn: int = 2048
-    dropout: float = 0.0
-    num_levels: int = 4
-    enc_points: int = 4
-    dec_points: int = 4
-    num_queries: int = 900
-    neck_groups: int = 32
-    dn_number: int = 100
-    label_noise: float = 0.5
-    box_noise: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    train_backbone_from_stage: int = at_least(0, 2)
+    d_model: int = at_least(1, 256)
+    heads: int = at_least(1, 8)
+    enc_layers: int = at_least(1, 6)
+    dec_layers: int = at_least(1, 6)
+    d_ffn: int = at_least(1, 2048)
+    dropout: float = at_least(0.0, 0.0)
+    num_levels: int = at_least(1, 4)
+    enc_points: int = at_least(1, 4)
+    dec_points: int = at_least(1, 4)
+    num_queries: int = at_least(1, 900)
+    neck_groups: int = at_least(1, 32)
+    dn_number: int = at_least(0, 100)
+    label_noise: float = at_least(0.0, 0.5)
+    box_noise: float = at_least(0.0, 1.0)
+    focal_alpha: float = at_least(0.0, 0.25)
+    focal_gamma: float = at_least(0.0, 2.0)
     matcher_costs: tuple[float, float, float] = (2.0, 5.0, 2.0)  # class, L1, GIoU
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    max_detections: int = 300
+    max_detections: int = at_least(1, 300)
     # CQ-DINO
     category_embeddings: str | None = None  # `vastdet taxonomy embed` output; none: random
-    text_dim: int = 768  # the embedding width (CLIP ViT-L/14's 768; the file's width wins)
+    text_dim: int = at_least(1, 768)  # embedding width (CLIP ViT-L/14's; the file's wins)
     correlation: str = "tree"  # tree | self_attention | none
-    tree_weight: float = 0.3  # w of eq. 7
-    num_selected: int = 100  # C'
+    tree_weight: float = at_least(0.0, 0.3)  # w of eq. 7
+    num_selected: int = at_least(1, 100)  # C'
     force_gt_categories: bool = False  # training: ground-truth categories always selected
-    selector_heads: int = 8
-    selector_chunk: int = 4096  # categories scored per chunk (recomputed in backward)
+    selector_heads: int = at_least(1, 8)
+    selector_chunk: int = at_least(1, 4096)  # categories scored per chunk (recomputed in backward)
     asl: tuple[float, float, float] = (7.0, 0.0, 0.05)  # gamma_neg, gamma_pos, clip
     init_from: str | None = None  # stage 2: a stage-1 run folder or exported file
     diagnostics: bool = True  # log rho (eq. 3) and eta (eq. 4) on the classification logits
@@ -76,12 +79,22 @@ class ModelConfig:
             )
 
 
-def build_model(cfg: ModelConfig, category_ids, taxonomy=None, restoring: bool = False):
+def build_model(
+    cfg: ModelConfig,
+    category_ids,
+    taxonomy=None,
+    restoring: bool = False,
+    weights_follow: bool = False,
+):
     """(model, criterion, postprocessor) for the given category ids (the classifier's columns,
     ascending). `taxonomy` gives CQ-DINO its hierarchy (tree construction and the selection
     loss's ancestor mask); `restoring`: the weights (tree buffers included) come next from a
-    saved state, so no hierarchy is needed. A stage-1 model has no postprocessor (None)."""
+    saved state, so no hierarchy is needed. `weights_follow`: trained weights will be loaded
+    (a resumed run, a stage-1 model), so the log does not warn that parts without an initial
+    weights file are random. A stage-1 model has no postprocessor (None)."""
     category_ids = torch.as_tensor(sorted(int(c) for c in category_ids), dtype=torch.int64)
+    if not (restoring or weights_follow):
+        _warn_random_parts(cfg)
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage)
     if cfg.architecture == "dino":
         return _build_dino(cfg, backbone, category_ids)
@@ -127,6 +140,14 @@ def build_model(cfg: ModelConfig, category_ids, taxonomy=None, restoring: bool =
         neck_groups=cfg.neck_groups,
     )
     return model, _criterion(cfg, selection), PostProcess(cfg.max_detections)
+
+
+def _warn_random_parts(cfg: ModelConfig) -> None:
+    """Say which parts start from random weights because no file names their weights."""
+    if not cfg.backbone_weights:
+        log.warning("backbone %s has no weights file: randomly initialised", cfg.backbone)
+    if cfg.architecture != "dino" and not cfg.category_embeddings:
+        log.warning("no category embedding file: category queries are randomly initialised")
 
 
 def _transformer(cfg: ModelConfig, category_fusion: bool = False) -> DeformableTransformer:

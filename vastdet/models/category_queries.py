@@ -190,10 +190,9 @@ class CategoryQueries(nn.Module):
 
 
 def initial_embeddings(path: str | None, category_ids: torch.Tensor) -> torch.Tensor | None:
-    """Rows of an embedding file (`vastdet taxonomy embed`) for `category_ids`, or None (random
-    initialisation, logged). Names the ids the file lacks."""
+    """Rows of an embedding file (`vastdet taxonomy embed`) for `category_ids`, or None (no file:
+    random initialisation). Names the ids the file lacks."""
     if not path:
-        log.warning("no category embedding file: category queries are randomly initialised")
         return None
     from taxonomy.embeddings import CategoryEmbeddings
 
