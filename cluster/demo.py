@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from cluster.local import start_local_ray
     from cluster.pipeline import load_pipeline, run_pipeline
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)
     try:
         summary = run_pipeline(load_pipeline(config_file))
     finally:

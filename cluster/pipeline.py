@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vastdet.config import load_config
+from vastdet.config import at_least, load_config
 from vastdet.engine import checkpoints
 from vastdet.engine.config import TrainConfig
 
@@ -31,9 +31,9 @@ class PipelineConfig:
 
     stage1: TrainConfig
     stage2: TrainConfig
-    num_workers: int = 2
+    num_workers: int = at_least(1, 2)
     use_gpu: bool = False
-    max_failures: int = 1
+    max_failures: int = at_least(-1, 1)  # -1: restart without limit (Ray's convention)
     storage_path: str | None = None  # Ray Train's results folder (default: beside the runs)
 
     def __post_init__(self) -> None:
@@ -43,8 +43,6 @@ class PipelineConfig:
             raise ValueError("stage2 must train a cq_dino model")
         if not self.stage2.model.init_from:
             self.stage2.model.init_from = self.stage1.output_dir
-        if self.num_workers < 1:
-            raise ValueError("num_workers must be at least 1")
 
 
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
@@ -116,14 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run CQ-DINO's two-stage pipeline on Ray")
     parser.add_argument("config", help="a pipeline YAML file")
     parser.add_argument(
-        "--address", default=None, help="Ray cluster address (default: the job's, or a local one)"
+        "--address",
+        default=None,
+        help="Ray cluster address (default: the job's, or a new local one on 127.0.0.1)",
     )
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_pipeline(args.config)
-    local = {"num_cpus": args.num_cpus} if args.num_cpus else {}
-    ray.init(address=args.address, include_dashboard=False, **local)
+    if args.address is None and "RAY_ADDRESS" not in os.environ:  # a local instance of our own
+        from cluster.local import start_local_ray
+
+        start_local_ray(num_cpus=args.num_cpus)
+    else:  # a cluster's (a job's own, or the one named)
+        ray.init(address=args.address)
     try:
         summary = run_pipeline(cfg)
     finally:

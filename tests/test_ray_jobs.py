@@ -12,6 +12,7 @@ import pytest
 import yaml
 from test_engine import config, dataset, free_port  # noqa: F401 - the shared synthetic dataset
 
+from cluster.local import loopback_environment
 from cluster.submit import submit_pipeline, wait_for
 
 
@@ -20,6 +21,7 @@ def ray_cluster(tmp_path):
     """A head node on loopback, token auth off, the venv's python first on PATH (jobs run it)."""
     env = {
         **os.environ,
+        **loopback_environment(),
         "RAY_AUTH_MODE": "disabled",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,14 +17,41 @@ import ray
 import yaml
 from test_engine import config, dataset  # noqa: F401 - the shared synthetic dataset fixture
 
+from cluster.local import start_local_ray
 from cluster.workers import run_training_stage
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+LISTENING = """
+import json, psutil, ray
+from cluster.local import start_local_ray
+start_local_ray(num_cpus=2, log_to_driver=False)
+ray.get([ray.remote(lambda: 1).remote() for _ in range(2)])  # workers listen too
+processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+print(json.dumps(sorted({
+    (p.name(), c.laddr.ip) for p in processes for c in p.net_connections(kind="inet")
+    if c.status == psutil.CONN_LISTEN
+})))
+ray.shutdown()
+"""
+
+
+def test_local_ray_listens_on_loopback_only():
+    """Every socket the embedded instance listens on (GCS, raylet, agents, workers, the
+    driver's own server) is bound to loopback; checked from a fresh driver process."""
+    done = subprocess.run(
+        [sys.executable, "-c", LISTENING], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    listening = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
 
 
 def test_engine_runs_as_two_ray_train_workers(local_ray, dataset, tmp_path):  # noqa: F811
