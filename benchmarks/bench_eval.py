@@ -3,7 +3,7 @@
     python benchmarks/bench_eval.py [--categories 13204] [--images 2000] [--per-image 6] [--seed 0]
 
 A seeded synthetic case: ground truths drawn with V3Det's real long tail (per-category train
-instance counts, from ../shared/data when present, else Zipf), about 3 detections per ground
+instance counts, from the copy in tests/data), or Zipf for other sizes), about 3 detections per ground
 truth (jittered boxes, 20% with another category) and background false positives; scores
 rounded to 3 decimals so ties occur. Both evaluators run in this process on the same inputs;
 the table gives their times, the ratio, and the largest difference over the 12 summary numbers
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import io
 import json
 import time
@@ -26,11 +27,11 @@ from pycocotools.cocoeval import COCOeval
 from vastdet.evaluation.coco import STAT_NAMES, evaluate_boxes
 
 CAT_INFO = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
+    Path(__file__).resolve().parents[1]
+    / "tests"
     / "data"
     / "v3det"
-    / "v3det_2023_v1_train_cat_info.json"
+    / "v3det_2023_v1_train_cat_info.json.gz"
 )
 
 
@@ -38,7 +39,8 @@ def make_case(categories: int, images: int, per_image: int, seed: int):
     rng = np.random.default_rng(seed)
     if CAT_INFO.is_file() and categories == 13204:
         counts = np.array(
-            [c["instance_count"] for c in json.loads(CAT_INFO.read_text())], dtype=float
+            [c["instance_count"] for c in json.loads(gzip.decompress(CAT_INFO.read_bytes()))],
+            dtype=float,
         )
     else:
         counts = 1.0 / np.arange(1, categories + 1) ** 1.1

@@ -1,4 +1,5 @@
-"""Shared fixtures: small hand-made taxonomies and the real V3Det category files."""
+"""Shared fixtures: small hand-made taxonomies and the real V3Det category files (carried in
+`tests/data/v3det`, gzip-compressed; see its README for the licence)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 
 from taxonomy import Node, Taxonomy
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-V3DET_NAMES = SHARED_DATA / "v3det" / "category_name_13204_v3det_2023_v1.txt"
-V3DET_CAT_INFO = SHARED_DATA / "v3det" / "v3det_2023_v1_train_cat_info.json"
+V3DET_DATA = Path(__file__).resolve().parent / "data" / "v3det"
+V3DET_NAMES = V3DET_DATA / "category_name_13204_v3det_2023_v1.txt.gz"
+V3DET_CAT_INFO = V3DET_DATA / "v3det_2023_v1_train_cat_info.json.gz"
 
 
 @pytest.fixture

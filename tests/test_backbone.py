@@ -23,10 +23,8 @@ def test_position_encoding_ignores_padding():
     )
 
 
-def test_resnet_strides_channels_and_frozen_parts(caplog):
-    with caplog.at_level("WARNING"):
-        net = ResNetBackbone("resnet18")
-    assert "randomly initialised" in caplog.text
+def test_resnet_strides_channels_and_frozen_parts():
+    net = ResNetBackbone("resnet18")
     feats = net(torch.randn(2, 3, 64, 96))
     assert [tuple(f.shape[1:]) for f in feats] == [(128, 8, 12), (256, 4, 6), (512, 2, 3)]
     assert net.channels == [128, 256, 512] and net.strides == [8, 16, 32]

@@ -3,8 +3,11 @@ on gloo where batches without targets occur (every parameter must take part on e
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipelines.shards import write_shards
 from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records
 from taxonomy import Node, Taxonomy, save_taxonomy
+from vastdet.evaluation.predict import DRAW_MIN_SIDE, category_names, clip_xywh
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,6 +160,22 @@ def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
     check_eval_and_predict(dataset, tmp_path, tmp_path / "straight", exported)
 
 
+def test_a_run_killed_between_logging_and_saving_resumes_without_repeating_metrics(
+    dataset, tmp_path
+):
+    """Killed after logging steps 5-8 (and mid-line) but before the step-8 checkpoint: the
+    resumed run starts at 4 again, and metrics.jsonl keeps each step once."""
+    out = tmp_path / "killed"
+    first = run(config(dataset, out, steps=8, checkpoint_every=4))
+    shutil.rmtree(out / "checkpoints" / "step_00000008")
+    with (out / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 9, "loss": 1.')  # the line a kill cut short
+    resumed = run(config(dataset, out, steps=8, checkpoint_every=4))
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(first, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a, b)
+
+
 def eval_command(model: Path, val: Path, out: Path, world: int) -> dict:
     """`vastdet eval` as `world` processes; rank 0's metrics.json."""
     args = ["vastdet.cli", "eval", str(model), "--shards", str(val)]
@@ -184,17 +205,35 @@ def check_eval_and_predict(dataset: Path, tmp_path: Path, run_dir: Path, exporte
     draw = tmp_path / "drawn"
     args = ["predict", *map(str, images), "--checkpoint", str(exported), "-o", str(results)]
     # one image per batch, as evaluated: padding to a batch's largest image changes the features
-    assert main([*args, "--draw", str(draw), "--threshold", "0", "--batch-size", "1"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*args, "--draw", str(draw), "--threshold", "0", "--batch-size", "1"]) == 0
+    assert f"{5 * 50} detections scored >= 0.0 and are drawn in {draw}" in printed.getvalue()
     predicted = json.loads(results.read_text())
-    assert len(list(draw.glob("*.png"))) == len(images)
+    drawings = sorted(draw.glob("*.png"))
+    assert len(drawings) == len(images)
+    assert all(max(Image.open(p).size) == DRAW_MIN_SIDE for p in drawings)  # small: scaled up
     for position, path in enumerate(images):
         mine = [r for r in predicted if r["image_id"] == position]
         theirs = [r for r in scored if r["image_id"] == int(path.stem)]
         assert len(mine) == 50 and len(theirs) == 100  # the model's 50; COCO's protocol 100
+        width, height = Image.open(path).size
         for a, b in zip(mine, theirs[:50]):
             assert a["category_id"] == b["category_id"]
             assert a["score"] == pytest.approx(b["score"], abs=1e-5)
-            assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+            assert a["bbox"] == pytest.approx(clip_xywh(b["bbox"], width, height), abs=1e-3)
+            x, y, w, h = a["bbox"]
+            assert 0 <= x <= x + w <= width + 1e-3 and 0 <= y <= y + h <= height + 1e-3
+    # the run names no category file: labels take the names from its training shards' manifest
+    run_config = json.loads((run_dir / "config.json").read_text())
+    assert run_config["data"]["categories"] is None
+    assert category_names(run_config) == {
+        1: "thing",
+        2: "kind 2",
+        3: "kind 3",
+        4: "kind 4",
+        5: "kind 5",
+    }
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert (
         main(
@@ -260,3 +299,24 @@ def test_cq_dino_two_stages_hand_over_and_train_under_zero3(dataset, tmp_path):
     assert any("diag_rho" in m for m in metrics)
     evaluation = json.loads((stage2 / "eval" / "metrics.json").read_text())
     assert evaluation["images"] == 5 and 0 <= evaluation["AR_C"] <= 1 and "AP" in evaluation
+
+
+def test_a_single_process_run_opens_no_port_on_every_interface():
+    """A world of one needs no rendezvous: its process group opens no store port, and nothing
+    it listens on is bound to a wildcard address."""
+    code = (
+        "import json, psutil, torch\n"
+        "from vastdet.engine.train import _prepare_deepspeed, init_distributed\n"
+        "print(init_distributed(_prepare_deepspeed()))\n"
+        "torch.distributed.all_reduce(torch.ones(1))\n"
+        "print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections('inet')"
+        " if c.status == 'LISTEN']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "(0, 1)"
+    assert not {"0.0.0.0", "::"} & set(json.loads(lines[-1])), lines[-1]
