@@ -22,7 +22,8 @@ class ParamGroup:
 
 @dataclass
 class OptimConfig:
-    """AdamW with DINO's defaults: lr 1e-4, backbone at 0.1x, weight decay 1e-4, clip 0.1."""
+    """AdamW with DINO's defaults: lr 1e-4, backbone at 0.1x, weight decay 1e-4 on every
+    parameter, clip 0.1."""
 
     lr: float = at_least(0.0, 1e-4)
     weight_decay: float = at_least(0.0, 1e-4)
@@ -31,9 +32,11 @@ class OptimConfig:
         default_factory=lambda: [ParamGroup(r"^backbone\.", 0.1)]
     )
     warmup_steps: int = at_least(0, 0)
+    warmup_start: float = at_least(0.0, 0.0)  # warm-up's first factor (mmengine start_factor)
     decay_steps: list[int] = at_least(0, default_factory=list)  # lr x decay_gamma at each
     decay_gamma: float = at_least(0.0, 0.1)
     clip_grad: float = at_least(0.0, 0.1)
+    decay_1d: bool = True  # weight decay on norms and biases too (DINO); False exempts them
 
 
 @dataclass

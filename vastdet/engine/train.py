@@ -58,7 +58,8 @@ def init_distributed(deepspeed) -> tuple[int, int]:
 
 
 def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
-    """AdamW groups by name pattern; no weight decay on norms and biases (DINO's practice)."""
+    """AdamW groups by name pattern. Every parameter is decayed, as DINO and CQ-DINO's released
+    code do, unless `decay_1d` is off (then norms and biases are exempt)."""
     patterns = [(re.compile(g.pattern), g) for g in optim.param_groups]
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
@@ -66,7 +67,9 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
             continue
         rule = next((g for rx, g in patterns if rx.search(name)), None)
         lr_mult = rule.lr_mult if rule else 1.0
-        wd_mult = (rule.weight_decay_mult if rule else 1.0) if param.ndim > 1 else 0.0
+        wd_mult = rule.weight_decay_mult if rule else 1.0
+        if param.ndim <= 1 and not optim.decay_1d:
+            wd_mult = 0.0
         key = (lr_mult, wd_mult)
         group = groups.setdefault(
             key,
@@ -82,8 +85,12 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
 
 
 def lr_factor(step: int, optim: OptimConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then x `decay_gamma` at each of `decay_steps`."""
-    warm = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+    """Linear warm-up from `warmup_start` of the rate to all of it over `warmup_steps`
+    (mmengine's LinearLR), then x `decay_gamma` at each of `decay_steps`."""
+    warm = 1.0
+    if optim.warmup_steps > 0:
+        ramp = min(1.0, (step + 1) / optim.warmup_steps)
+        warm = optim.warmup_start + (1.0 - optim.warmup_start) * ramp
     return warm * optim.decay_gamma ** sum(step >= s for s in optim.decay_steps)
 
 

@@ -3,8 +3,8 @@
 Each group holds a positive and a negative copy of every ground truth: positives get box noise
 below half the box size (they must reconstruct the box), negatives between one and two times it
 (they must predict "no object"); labels are flipped to a random class with probability
-`label_noise / 2`. The number of groups comes from the batch's largest target set (`dn_number`
-queries in all). The attention mask keeps the matching queries from seeing any denoising query
+`label_noise / 2`. The number of groups comes from the batch's largest target set
+(`denoising_groups`: about 2 * `dn_number` queries in all, as DINO builds them). The attention mask keeps the matching queries from seeing any denoising query
 and every group from seeing the others.
 """
 
@@ -33,6 +33,17 @@ class DenoisingMeta:
         t = self.counts[image]
         base = torch.arange(self.groups)[:, None] * 2 * self.single_pad
         return (base + torch.arange(t)[None]).flatten()
+
+
+def denoising_groups(dn_number: int, largest: int) -> int:
+    """DINO's group count (`prepare_for_cdn`): it doubles `dn_number` (a positive and a negative
+    query per ground truth) and divides by twice the largest target count, so that about
+    2 * dn_number denoising queries run; below 100 doubled queries the doubled number itself
+    is the group count. Each group holds 2 * `largest` queries."""
+    doubled = 2 * dn_number
+    if largest == 0:
+        return 1
+    return max(1, doubled // (2 * largest) if doubled >= 100 else doubled)
 
 
 def build_denoising(
@@ -65,7 +76,7 @@ def build_denoising(
         # forward and backward (ZeRO-3 gathers parameters per module call; ranks out of order hang).
         single_pad, groups = 1, 1
     else:
-        groups = max(1, dn_number // (2 * single_pad)) if dn_number >= 100 else max(1, dn_number)
+        groups = denoising_groups(dn_number, single_pad)
     pad = 2 * single_pad * groups
     b = len(labels)
     weight = getattr(label_embedding, "weight", None)

@@ -71,9 +71,23 @@ def backbone_levels(backbone: nn.Module, images: torch.Tensor) -> list[torch.Ten
     return backbone(normalize_images(images) if images.dtype == torch.uint8 else images)
 
 
+def per_layer(make, layers: int, shared: bool) -> nn.Module:
+    """One module used by every decoder layer (`shared`) or a ModuleList of one per layer."""
+    return make() if shared else nn.ModuleList(make() for _ in range(layers))
+
+
+def layer_module(heads: nn.Module, layer: int) -> nn.Module:
+    """Decoder layer `layer`'s module of a `per_layer` head."""
+    return heads[layer] if isinstance(heads, nn.ModuleList) else heads
+
+
 class DeformableDetector(nn.Module):
     """What DINO and CQ-DINO share: backbone, 4-scale neck, positions, the deformable
-    transformer, box heads (zero-initialised last layers) and the category-id buffer."""
+    transformer, box heads (zero-initialised last layers) and the category-id buffer.
+
+    `share_heads`: one box head (and classifier) for every decoder layer, as DINO's released
+    code does, or one per layer, as CQ-DINO's (mmdetection's `share_pred_layer=False`). The
+    encoder proposals always have heads of their own."""
 
     def __init__(
         self,
@@ -85,9 +99,11 @@ class DeformableDetector(nn.Module):
         label_noise: float = 0.5,
         box_noise: float = 1.0,
         neck_groups: int = 32,
+        share_heads: bool = True,
     ):
         super().__init__()
         d = transformer.d_model
+        self.share_heads = share_heads
         self.backbone = backbone
         self.neck = ChannelMapper(backbone.channels, d, num_levels, neck_groups)
         self.position = SinePositionEncoding(d // 2)
@@ -95,12 +111,16 @@ class DeformableDetector(nn.Module):
         self.register_buffer(
             "category_ids", torch.as_tensor(category_ids, dtype=torch.int64), persistent=True
         )
-        self.bbox_head = MLP(d, d, 4, 3)  # shared by all decoder layers (DINO)
+        self.bbox_head = per_layer(lambda: MLP(d, d, 4, 3), len(transformer.decoder), share_heads)
         self.enc_bbox_head = MLP(d, d, 4, 3)
         self.dn_number, self.label_noise, self.box_noise = dn_number, label_noise, box_noise
-        for mlp in (self.bbox_head, self.enc_bbox_head):
+        for mlp in (*self.box_heads(), self.enc_bbox_head):
             nn.init.constant_(mlp.layers[-1].weight, 0.0)
             nn.init.constant_(mlp.layers[-1].bias, 0.0)
+
+    def box_heads(self) -> list[nn.Module]:
+        """The box head of each decoder layer (one module repeated when shared)."""
+        return [layer_module(self.bbox_head, i) for i in range(len(self.transformer.decoder))]
 
     def backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return backbone_levels(self.backbone, images)
@@ -120,13 +140,12 @@ class DeformableDetector(nn.Module):
         """The transformer and the heads: per-layer outputs with denoising slots split off.
         `class_logits` is the subclass's classifier; `categories` [B, K, D] (CQ-DINO) are fused
         by the transformer and classified against."""
-        heads = [self.bbox_head] * len(self.transformer.decoder)  # shared by all layers (DINO)
         out = self.transformer(
             feats,
             level_masks,
             positions,
             self.class_logits,
-            heads,
+            self.box_heads(),
             self.enc_bbox_head,
             *(dn[:3] if dn is not None else (None, None, None)),
             categories=categories,
@@ -159,18 +178,21 @@ class DINO(DeformableDetector):
     ):
         super().__init__(backbone, transformer, category_ids, *args, **kwargs)
         d, num_classes = transformer.d_model, len(self.category_ids)
-        self.class_head = ClassHead(d, num_classes)  # shared by all decoder layers (DINO)
+        layers = len(transformer.decoder)
+        self.class_head = per_layer(lambda: ClassHead(d, num_classes), layers, self.share_heads)
         self.enc_class_head = ClassHead(d, num_classes)
         self.label_embedding = nn.Embedding(num_classes, d)
-        for head in (self.class_head, self.enc_class_head):
-            nn.init.constant_(head.bias, PRIOR_BIAS)
+        for i in range(layers):
+            nn.init.constant_(layer_module(self.class_head, i).bias, PRIOR_BIAS)
+        nn.init.constant_(self.enc_class_head.bias, PRIOR_BIAS)
 
     def class_logits(
         self, tokens: torch.Tensor, layer: int, best_only: bool = False, categories=None
     ) -> torch.Tensor:
         """Logits over all categories [..., C] (or each token's best [...] with `best_only`);
         `layer = -1` is the encoder proposals' head."""
-        return (self.enc_class_head if layer < 0 else self.class_head)(tokens, best_only)
+        head = self.enc_class_head if layer < 0 else layer_module(self.class_head, layer)
+        return head(tokens, best_only)
 
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor, targets: list[dict] | None = None

@@ -12,7 +12,8 @@ class SinePositionEncoding(nn.Module):
     """[B, 2 * num_feats, H, W] from a padding mask [B, H, W] (True on padding).
 
     Coordinates are cumulative counts of valid pixels, normalised to (0, 2*pi] per image, so an
-    image's encoding does not depend on how much padding its batch added. DINO uses temperature
+    image's encoding does not depend on how much padding its batch added; no half-pixel offset
+    (DINO's and CQ-DINO's released code; Deformable DETR subtracts 0.5). DINO uses temperature
     20 on both axes (DETR used 10,000).
     """
 
@@ -42,8 +43,8 @@ class SinePositionEncoding(nn.Module):
         valid = (~mask).float()
         y = valid.cumsum(1)
         x = valid.cumsum(2)
-        y = (y - 0.5) / (y[:, -1:, :] + self.eps) * self.scale
-        x = (x - 0.5) / (x[:, :, -1:] + self.eps) * self.scale
+        y = y / (y[:, -1:, :] + self.eps) * self.scale
+        x = x / (x[:, :, -1:] + self.eps) * self.scale
         pos = torch.cat(
             [self._encode(y, self.temperature_h), self._encode(x, self.temperature_w)], dim=3
         )

@@ -25,12 +25,14 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vastdet.models.deformable_attention import MSDeformAttn
 
 
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """logit(x) with x clamped to [eps, 1 - eps] (DINO's eps, 1e-3)."""
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
@@ -99,14 +101,18 @@ class EncoderLayer(nn.Module):
 class BiAttention(nn.Module):
     """Bi-directional image<->category attention over one similarity tensor [B, h, S, K]:
     softmax over categories updates image tokens, softmax over (unpadded) tokens updates
-    categories (Grounding DINO's feature-enhancer attention)."""
+    categories (GLIP's and Grounding DINO's feature-enhancer attention), computed at width
+    `embed_dim` (1024 with 4 heads in CQ-DINO's released configs), dropout on both
+    attention maps."""
 
-    def __init__(self, d_model: int, heads: int):
+    def __init__(self, d_model: int, embed_dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
-        self.heads = heads
-        self.img_q, self.cat_k = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
-        self.img_v, self.cat_v = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
-        self.img_out, self.cat_out = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+        if embed_dim % heads:
+            raise ValueError(f"fusion width {embed_dim} must divide by its heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.img_q, self.cat_k = nn.Linear(d_model, embed_dim), nn.Linear(d_model, embed_dim)
+        self.img_v, self.cat_v = nn.Linear(d_model, embed_dim), nn.Linear(d_model, embed_dim)
+        self.img_out, self.cat_out = nn.Linear(embed_dim, d_model), nn.Linear(embed_dim, d_model)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -114,37 +120,57 @@ class BiAttention(nn.Module):
 
     def forward(self, img, cats, img_mask):
         """img [B, S, D], cats [B, K, D], img_mask [B, S] True on padding -> (delta img, delta cats)."""
-        b, s, d = img.shape
+        b = img.shape[0]
         q, k = self._heads(self.img_q(img)), self._heads(self.cat_k(cats))
-        logits = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)  # [B, h, S, K]
-        to_img = logits.softmax(-1) @ self._heads(self.cat_v(cats))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, h, S, K]
+        to_img = F.dropout(logits.softmax(-1), self.dropout, self.training)
+        to_img = to_img @ self._heads(self.cat_v(cats))
         to_cat = logits.masked_fill(img_mask[:, None, :, None], float("-inf")).softmax(-2)
-        to_cat = to_cat.transpose(-1, -2) @ self._heads(self.img_v(img))
-        merge = lambda x: x.transpose(1, 2).reshape(b, -1, d)  # noqa: E731
+        to_cat = F.dropout(to_cat, self.dropout, self.training).transpose(-1, -2)
+        to_cat = to_cat @ self._heads(self.img_v(img))
+        merge = lambda x: x.transpose(1, 2).reshape(b, x.shape[2], -1)  # noqa: E731
         return self.img_out(merge(to_img)), self.cat_out(merge(to_cat))
 
 
 class FeatureEnhancerLayer(nn.Module):
     """Image<->category fusion before a deformable encoder layer; layer scales start at 1e-4
-    so that fusion starts as a near identity (Grounding DINO's choice)."""
+    so that fusion starts as a near identity. CQ-DINO's released encoder fuses and nothing
+    more; `category_layers` adds Grounding DINO's category self-attention and FFN after the
+    fusion."""
 
-    def __init__(self, d_model: int, d_ffn: int, heads: int, dropout: float):
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        heads: int,
+        dropout: float,
+        fusion_dim: int,
+        fusion_heads: int,
+        fusion_dropout: float,
+        category_layers: bool = False,
+    ):
         super().__init__()
         self.img_norm, self.cat_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.bi_attn = BiAttention(d_model, heads)
+        self.bi_attn = BiAttention(d_model, fusion_dim, fusion_heads, fusion_dropout)
         self.img_scale = nn.Parameter(torch.full((d_model,), 1e-4))
         self.cat_scale = nn.Parameter(torch.full((d_model,), 1e-4))
-        self.self_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.ffn = feed_forward(d_model, d_ffn, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.category_layers = category_layers
+        if category_layers:
+            self.self_attn = nn.MultiheadAttention(
+                d_model, heads, dropout=dropout, batch_first=True
+            )
+            self.norm1 = nn.LayerNorm(d_model)
+            self.ffn = feed_forward(d_model, d_ffn, dropout)
+            self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, img, cats, img_mask):
         d_img, d_cat = self.bi_attn(self.img_norm(img), self.cat_norm(cats), img_mask)
         img = img + self.img_scale * d_img
         cats = cats + self.cat_scale * d_cat
-        cats = self.norm1(cats + self.self_attn(cats, cats, cats, need_weights=False)[0])
-        return img, self.norm2(cats + self.ffn(cats))
+        if self.category_layers:
+            cats = self.norm1(cats + self.self_attn(cats, cats, cats, need_weights=False)[0])
+            cats = self.norm2(cats + self.ffn(cats))
+        return img, cats
 
 
 class DecoderLayer(nn.Module):
@@ -208,6 +234,10 @@ class DeformableTransformer(nn.Module):
         dec_points: int = 4,
         num_queries: int = 900,
         category_fusion: bool = False,
+        fusion_dim: int = 1024,
+        fusion_heads: int = 4,
+        fusion_dropout: float = 0.1,
+        fusion_category_layers: bool = False,
     ):
         super().__init__()
         self.d_model, self.levels, self.num_queries = d_model, levels, num_queries
@@ -217,7 +247,17 @@ class DeformableTransformer(nn.Module):
         )
         self.enhancer = (
             nn.ModuleList(
-                FeatureEnhancerLayer(d_model, d_ffn, heads, dropout) for _ in range(enc_layers)
+                FeatureEnhancerLayer(
+                    d_model,
+                    d_ffn,
+                    heads,
+                    dropout,
+                    fusion_dim,
+                    fusion_heads,
+                    fusion_dropout,
+                    fusion_category_layers,
+                )
+                for _ in range(enc_layers)
             )
             if category_fusion
             else None
@@ -355,16 +395,25 @@ class DeformableTransformer(nn.Module):
         }
 
     def decode(self, tgt, refs, memory, shapes, mask, ratios, bbox_heads, attn_mask, cats=None):
+        """Per layer: the normed output (what the heads classify) and its boxes.
+
+        As DINO does: the query's position is the sine embedding of its reference box scaled
+        by the first level's valid ratios; the reference for the next layer is refined from
+        the layer's output before the final norm and detached; the layer's box prediction
+        takes the normed output and the previous layer's refinement *before* it was detached
+        (look forward twice), so layer i's loss also trains layer i-1's refinement."""
         hs, boxes = [], []
-        previous = refs  # look-forward-twice: the undetached refinement of the previous layer
-        for layer, head in zip(self.decoder, bbox_heads):
-            layer_refs = refs[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]
-            query_pos = self.ref_point_head(box_sine_embedding(refs, self.d_model))
+        previous = refs  # the initial references: the encoder's boxes, detached
+        scale = torch.cat([ratios, ratios], -1)[:, None]  # [B, 1, L, 4]
+        last = len(self.decoder) - 1
+        for i, (layer, head) in enumerate(zip(self.decoder, bbox_heads)):
+            layer_refs = refs[:, :, None] * scale
+            query_pos = self.ref_point_head(box_sine_embedding(layer_refs[:, :, 0], self.d_model))
             tgt = layer(tgt, query_pos, layer_refs, memory, shapes, mask, attn_mask, cats)
             out = self.decoder_norm(tgt)
-            refined = (head(out) + inverse_sigmoid(previous)).sigmoid()
             hs.append(out)
-            boxes.append(refined)
-            previous = refined
-            refs = refined.detach()
+            boxes.append((head(out) + inverse_sigmoid(previous)).sigmoid())
+            if i < last:  # the last layer's refinement would feed no layer
+                previous = (head(tgt) + inverse_sigmoid(refs)).sigmoid()
+                refs = previous.detach()
         return hs, boxes
