@@ -6,7 +6,10 @@ and nothing it must recompute per step:
 
 - `levels`: the parent→child edges of the category-only tree, grouped by the parent's depth,
   deepest first, so a bottom-up pass (eq. 6) sees every child finished before its parents;
-- `alpha`: the adaptive weight of eq. 7 per row.
+- `alpha`: the adaptive weight of eq. 7 per row, by one of two rules (`ALPHA_RULES`):
+  `paper`, eq. 7 as printed (w = 0.3, n_v the direct children, N_max the largest n_v), or
+  `official`, what the released CQ-DINO code computes (w = 0.4, n_v every descendant, N_max the
+  vocabulary size, logs of n + 2: 0.4 * (1 + log(n_v + 2) / log(C + 2))).
 
 The same level arrays give the parent mask of the classification losses: marking the present
 categories and propagating the marks up the levels, deepest first, reaches every ancestor in
@@ -23,6 +26,17 @@ import numpy as np
 from taxonomy.tree import Taxonomy
 
 DEFAULT_TREE_WEIGHT = 0.3  # w in eq. 7, the paper's default
+ALPHA_RULES = {"paper": 0.3, "official": 0.4}  # rule -> its w
+
+
+def official_weights(num_descendants: np.ndarray, vocabulary: int, w: float = 0.4) -> np.ndarray:
+    """alpha_v as the released CQ-DINO code computes it for every node [N]:
+    w * (1 + log(n_v + 2) / log(N + 2)), n_v = descendants of v, N = the vocabulary size
+    (13,204 hard-coded there for V3Det)."""
+    if not 0.0 <= w <= 0.5:
+        raise ValueError(f"tree weight w={w} is outside [0, 0.5]")
+    n = np.asarray(num_descendants, dtype=np.float64)
+    return w * (1.0 + np.log(n + 2.0) / np.log(vocabulary + 2.0))
 
 
 def adaptive_weights(num_children: np.ndarray, w: float = DEFAULT_TREE_WEIGHT) -> np.ndarray:
@@ -61,8 +75,14 @@ class CategoryHierarchy:
     levels: tuple[LevelEdges, ...]  # deepest parents first
 
     @classmethod
-    def from_taxonomy(cls, taxonomy: Taxonomy, w: float = DEFAULT_TREE_WEIGHT) -> CategoryHierarchy:
-        """Restrict `taxonomy` to its categories (nearest category ancestors) and lay it out as rows."""
+    def from_taxonomy(
+        cls, taxonomy: Taxonomy, w: float | None = None, alpha_rule: str = "paper"
+    ) -> CategoryHierarchy:
+        """Restrict `taxonomy` to its categories (nearest category ancestors) and lay it out as
+        rows; alpha by `alpha_rule` (`paper` or `official`), `w` None for the rule's own."""
+        if alpha_rule not in ALPHA_RULES:
+            raise ValueError(f"alpha rule must be one of {sorted(ALPHA_RULES)}, not {alpha_rule!r}")
+        w = ALPHA_RULES[alpha_rule] if w is None else w
         tree = taxonomy.restrict(taxonomy.category_ids())
         node_cats = tree.category_column()
         order = np.argsort(node_cats)  # storage index -> row mapping
@@ -78,10 +98,16 @@ class CategoryHierarchy:
         for d in sorted(set(depth[parent].tolist()), reverse=True):
             at = depth[parent] == d
             levels.append(LevelEdges(depth=int(d), parent=parent[at], child=child[at]))
+        if alpha_rule == "paper":
+            alpha = adaptive_weights(num_children, w)
+        else:  # descendants: how many rows have each row among their strict ancestors
+            _, ancestors = tree.ancestor_closure()
+            below = np.bincount(row_of_storage[ancestors], minlength=order.size)
+            alpha = official_weights(below, order.size, w)
         return cls(
             category_ids=node_cats[order],
             num_children=num_children,
-            alpha=adaptive_weights(num_children, w),
+            alpha=alpha,
             levels=tuple(levels),
         )
 

@@ -11,7 +11,8 @@ import torch
 
 from taxonomy import Node, Taxonomy
 from taxonomy.hierarchy import CategoryHierarchy
-from vastdet.config import load_config
+from vastdet.config import from_dict, load_config
+from vastdet.models.backbone import downsample_mask
 from vastdet.models.build import ModelConfig, build_model
 from vastdet.models.category_queries import CategoryQueries, ancestor_mask, tree_construction
 from vastdet.models.cq_dino import select_categories, slot_of
@@ -48,14 +49,14 @@ def test_tree_construction_matches_a_hand_computed_three_level_example():
     sizes = [len(lv.parent) for lv in h.levels]
     out = tree_construction(q, parent, child, sizes, torch.as_tensor(h.alpha))
     assert out.squeeze(1).tolist() == pytest.approx([q1, q2, q3, q4, q5])
-    # the module applies the same after its projection (projection and blend commute)
+    # the module blends the mapped queries, then normalises, in the released code's order:
+    # norm(tree(relu(proj(E)))); the norm does not commute with the blend
     module = CategoryQueries(5, 8, 8, "tree", 2, hierarchy=h)
-    flat = CategoryQueries(5, 8, 8, "none", 2)
-    flat.load_state_dict(
-        {k: v for k, v in module.state_dict().items() if not k.startswith("tree_")},
-        strict=False,
-    )
-    expected = tree_construction(flat(), parent, child, sizes, torch.as_tensor(h.alpha))
+    mapped = torch.relu(module.proj(module.embedding()))
+    alpha = torch.as_tensor(h.alpha)
+    expected = module.norm(tree_construction(mapped, parent, child, sizes, alpha))
+    swapped = tree_construction(module.norm(mapped), parent, child, sizes, alpha)
+    assert not torch.allclose(expected, swapped, atol=1e-3)
     assert torch.allclose(module(), expected, atol=1e-6)
 
 
@@ -143,6 +144,34 @@ def test_alignment_logits_are_per_selected_slot_and_detector_gradients_reach_onl
     selected = torch.zeros(45, dtype=torch.bool)
     selected[out["selected_rows"].flatten()] = True
     assert touched.tolist() == selected.tolist()
+    # the detector sees the selector's image-conditioned outputs (the paper's Q'_cat [B, C', D],
+    # the released code's tagging_embed rows): its loss trains the selector's attention too
+    layer = model.selector.layers[0]
+    for param in (layer.q.weight, layer.k.weight, layer.v.weight, model.selector.image_proj.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert model.selector.scorer.weight.grad is None  # the scores only select, without gradient
+
+
+def test_detector_categories_are_the_selector_outputs_of_the_selected_rows():
+    """Q'_cat per image: the selector run on the selected rows against that image's tokens,
+    mapped to the model width; the same rows in two images give two different features."""
+    tax = flat_taxonomy()
+    model, _, _ = build_model(tiny(correlation="none", num_selected=6), tax.category_ids(), tax)
+    model.eval()
+    images, masks, _ = batch()
+    seen = {}
+    model.transformer.register_forward_hook(lambda m, a, kw, o: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        out = model(images, masks)
+        cats = model.category_queries()
+        last = model.backbone_features(images)[-1]
+        kv, bias = model.selector.tokens(last, downsample_mask(masks, last.shape[-2:]))
+        rows = out["selected_rows"]
+        expected = model.category_proj(model.selector.encode(cats[rows], kv, bias))
+        both = model.selector.encode(cats[rows[:1]].expand(2, -1, -1), kv, bias)
+    assert torch.allclose(seen["categories"], expected, atol=1e-5)
+    assert not torch.allclose(both[0], both[1], atol=1e-3)  # conditioned on each image
+    assert model.selector.layers[0].heads == 2 and len(model.selector.layers) == 2
 
 
 def test_unselected_ground_truth_gets_box_loss_only_and_forcing_selects_it():
@@ -171,9 +200,11 @@ def test_empty_ground_truth_gives_finite_losses_and_every_parameter_a_gradient()
     model.train()
     losses = criterion(model(images, masks, targets), targets)
     assert losses["loss_bbox"] == 0 and losses["loss_ce"] > 0
-    # no category present: ASL's negatives only, and at the initial p = 0.01 below the clip of
-    # 0.05 the shifted probability is 0, so the selection loss is exactly 0 (still in the graph)
-    assert losses["loss_sel"] == 0
+    # no category present: ASL's negatives only, summed over images and categories
+    out = model(images, masks, targets)
+    p_m = (out["selection_logits"].sigmoid() - 0.05).clamp(min=0)
+    expected = -(p_m.pow(7) * torch.log(1 - p_m)).sum()
+    assert torch.allclose(criterion(out, targets)["loss_sel"], expected, rtol=1e-4)
     criterion.weighted_sum(losses).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
@@ -232,3 +263,31 @@ def test_inference_form_keeps_only_the_encoded_queries_and_changes_no_output():
     assert torch.equal(before["category_ids"], after["category_ids"])
     assert torch.allclose(before["pred_logits"], after["pred_logits"], atol=1e-6)
     assert sum(p.numel() for p in model.parameters()) < params - 45 * 64  # the table is gone
+
+
+@pytest.mark.parametrize("dn_labels", ["learned", "category"])
+def test_denoising_content_is_a_learned_slot_embedding_or_the_selected_features(dn_labels):
+    """The released code embeds a denoising label by its index with a learned table (Grounding
+    DINO's denoising); `category` uses the selected category's own features instead."""
+    tax = flat_taxonomy()
+    model, criterion, _ = build_model(
+        tiny(num_selected=6, force_gt_categories=True, dn_labels=dn_labels), tax.category_ids(), tax
+    )
+    images, masks, targets = batch()
+    model.train()
+    seen = {}
+    model.transformer.register_forward_hook(lambda m, a, kw, o: seen.update(a=a), with_kwargs=True)
+    out = model(images, masks, targets)
+    dn_queries = seen["a"][6]  # [B, P, D]
+    meta = out["dn_meta"]
+    slot = slot_of(targets[0]["labels"][:1], out["category_ids"][0])[0]
+    first = dn_queries[0, 0]  # image 0, group 0, its first ground truth (label noise may flip it)
+    if dn_labels == "learned":
+        assert any(torch.allclose(first, row) for row in model.dn_label_embedding.weight)
+        criterion.weighted_sum(criterion(out, targets)).backward()
+        assert model.dn_label_embedding.weight.grad.abs().sum() > 0
+    else:
+        assert model.dn_label_embedding is None
+        assert meta.groups >= 1 and slot >= 0
+    with pytest.raises(ValueError, match="dn_labels"):
+        from_dict(ModelConfig, {"preset": "cq_dino_tiny", "dn_labels": "text"})

@@ -129,3 +129,27 @@ def test_parent_mask_equals_category_ancestors_on_a_random_dag():
     stacked = h.propagate_up(np.stack(batch))
     for b, marks in enumerate(batch):
         np.testing.assert_array_equal(stacked[b], h.propagate_up(marks))
+
+
+def test_official_alpha_counts_every_descendant_against_the_vocabulary(vehicles):
+    """The released code's rule: 0.4 (1 + log(n + 2) / log(C + 2)), n = all descendants.
+    vehicles' category tree: vehicle -> {car -> {sedan, amph}, boat -> {amph}, truck}."""
+    h = CategoryHierarchy.from_taxonomy(vehicles, alpha_rule="official")
+    c = h.num_categories  # 8 categories (thing is not one)
+    below = {
+        1: 5,
+        2: 2,
+        4: 1,
+        3: 0,
+        5: 0,
+        6: 0,
+        7: 1,
+        8: 0,
+    }  # vehicle: car, boat, truck, sedan, amph
+    for cat, n in below.items():
+        expected = 0.4 * (1 + np.log(n + 2) / np.log(c + 2))
+        assert h.alpha[h.rows([cat])[0]] == pytest.approx(expected), cat
+    paper = CategoryHierarchy.from_taxonomy(vehicles)  # direct children, w = 0.3
+    assert paper.alpha[paper.rows([1])[0]] == pytest.approx(0.3 * (1 + np.log(4) / np.log(4)))
+    with pytest.raises(ValueError, match="alpha rule"):
+        CategoryHierarchy.from_taxonomy(vehicles, alpha_rule="guess")

@@ -46,3 +46,18 @@ def test_asymmetric_loss_down_weights_easy_negatives_more_than_focal():
     logits = torch.full((1,), -1.0)
     zero = torch.zeros(1)
     assert asymmetric_loss(logits, zero) < sigmoid_focal_loss(logits, zero, alpha=-1)
+
+
+def test_asymmetric_loss_gradient_treats_the_focusing_weight_as_a_constant():
+    """d/dz of -w log(1 - p_m) with w = p_m^gamma held fixed (the ASL reference and CQ-DINO's
+    released code): w * p (1 - p) / (1 - p_m) for a negative, -(1 - p)^gamma_pos (1 - p) for a
+    positive. With the weight in the graph a negative's gradient would be several times this."""
+    p = torch.tensor([0.8, 0.3, 0.07, 0.6], dtype=torch.float64)
+    logits = torch.log(p / (1 - p)).requires_grad_()
+    targets = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    asymmetric_loss(logits, targets, gamma_neg=7, gamma_pos=1, clip=0.05).sum().backward()
+    pm = p - 0.05
+    negative = pm**7 * p * (1 - p) / (1 - pm)
+    positive = -((1 - p) ** 1) * (1 - p)
+    expected = torch.where(targets > 0, positive, negative)
+    torch.testing.assert_close(logits.grad, expected)

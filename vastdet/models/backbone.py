@@ -139,10 +139,15 @@ class SwinBackbone(nn.Module):
         )
 
 
-def build_backbone(name: str, weights: str | None = None, train_from_stage: int = 2) -> nn.Module:
-    """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/l`) backbone by name."""
+def build_backbone(
+    name: str, weights: str | None = None, train_from_stage: int = 2, drop_path: float | None = None
+) -> nn.Module:
+    """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/l`, with stochastic depth
+    `drop_path`, 0.2 when None as in DINO) backbone by name."""
     if name in SWINS:
-        return SwinBackbone(name, weights)
+        return SwinBackbone(name, weights, drop_path_rate=0.2 if drop_path is None else drop_path)
+    if drop_path:
+        raise ValueError(f"backbone_drop_path applies to Swin backbones, not {name}")
     return ResNetBackbone(name, weights, train_from_stage)
 
 

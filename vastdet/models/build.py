@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from taxonomy.hierarchy import ALPHA_RULES
 from vastdet.config import at_least
 from vastdet.models.backbone import build_backbone
 from vastdet.models.category_queries import CORRELATIONS, CategoryQueries, initial_embeddings
-from vastdet.models.cq_dino import CQDINO, CategorySelector, ImageGuidedSelection
+from vastdet.models.cq_dino import CQDINO, DN_LABELS, CategorySelector, ImageGuidedSelection
 from vastdet.models.criterion import DEFAULT_WEIGHTS, SelectionCriterion, SetCriterion
 from vastdet.models.dino import DINO
 from vastdet.models.matcher import HungarianMatcher
@@ -27,8 +28,11 @@ class ModelConfig:
 
     `cq_dino` is CQ-DINO (stage 2, the whole detector); `cq_selector` its stage 1 (backbone,
     category queries and selector, trained with the selection loss alone). CQ-DINO's defaults
-    are the paper's: C' = 100 selected categories, tree construction with w = 0.3, ASL with
-    gamma_neg 7, gamma_pos 0, clip 0.05, loss weights selection 1, alignment 1, L1 5, GIoU 2."""
+    are the paper's where it gives them (C' = 100 selected categories, tree construction with
+    eq. 7's alpha, ASL with gamma_neg 7, gamma_pos 0, clip 0.05, loss weights selection 1,
+    alignment 1, L1 5, GIoU 2) and the released code's where it is silent (the selector head's
+    sizes, the category width 768, the feature enhancer's fusion at width 1024 with 4 heads).
+    The README's table lists where the two differ and which one each switch takes."""
 
     architecture: str = "dino"
     backbone: str = "resnet50"
@@ -53,15 +57,30 @@ class ModelConfig:
     matcher_costs: tuple[float, float, float] = (2.0, 5.0, 2.0)  # class, L1, GIoU
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     max_detections: int = at_least(1, 300)
+    share_heads: bool = True  # one box head/classifier for all decoder layers (DINO) or one each
+    backbone_drop_path: float | None = at_least(0.0, None)  # Swin stochastic depth; None: 0.2
     # CQ-DINO
     category_embeddings: str | None = None  # `vastdet taxonomy embed` output; none: random
     text_dim: int = at_least(1, 768)  # embedding width (CLIP ViT-L/14's; the file's wins)
     correlation: str = "tree"  # tree | self_attention | none
-    tree_weight: float = at_least(0.0, 0.3)  # w of eq. 7
+    correlation_heads: int = at_least(1, 8)  # the self-attention correlation's heads (paper)
+    tree_alpha: str = "paper"  # eq. 7 as printed, or `official` (the released code's rule)
+    tree_weight: float | None = at_least(0.0, None)  # w of eq. 7; None: the rule's (0.3 / 0.4)
+    category_width: int = at_least(1, 768)  # W: category queries and selector (released: 768)
     num_selected: int = at_least(1, 100)  # C'
     force_gt_categories: bool = False  # training: ground-truth categories always selected
-    selector_heads: int = at_least(1, 8)
+    selector_layers: int = at_least(1, 2)  # the released code's Query2Label head: 2 layers,
+    selector_heads: int = at_least(1, 4)  # 4 heads,
+    selector_ffn: int = at_least(1, 3072)  # an FFN of 3072,
+    selector_dropout: float = at_least(0.0, 0.1)  # dropout 0.1,
+    selector_image_width: int = at_least(1, 512)  # image tokens mapped to 512
     selector_chunk: int = at_least(1, 4096)  # categories scored per chunk (recomputed in backward)
+    selector_masks_padding: bool = True  # False: pool and attend over padding (released code)
+    dn_labels: str = "learned"  # denoising content: learned per slot (released) or `category`
+    fusion_dim: int = at_least(1, 1024)  # feature enhancer's bi-attention width (released code)
+    fusion_heads: int = at_least(1, 4)
+    fusion_dropout: float = at_least(0.0, 0.1)
+    fusion_category_layers: bool = False  # Grounding DINO's category self-attention + FFN too
     asl: tuple[float, float, float] = (7.0, 0.0, 0.05)  # gamma_neg, gamma_pos, clip
     init_from: str | None = None  # stage 2: a stage-1 run folder or exported file
     diagnostics: bool = True  # log rho (eq. 3) and eta (eq. 4) on the classification logits
@@ -73,6 +92,12 @@ class ModelConfig:
             )
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, not {self.correlation!r}")
+        if self.dn_labels not in DN_LABELS:
+            raise ValueError(f"dn_labels must be one of {DN_LABELS}, not {self.dn_labels!r}")
+        if self.tree_alpha not in ALPHA_RULES:
+            raise ValueError(
+                f"tree_alpha must be one of {sorted(ALPHA_RULES)}, not {self.tree_alpha!r}"
+            )
         if self.d_model % self.heads or self.d_model % self.neck_groups:
             raise ValueError(
                 f"d_model {self.d_model} must divide by heads {self.heads} and neck_groups {self.neck_groups}"
@@ -95,29 +120,39 @@ def build_model(
     category_ids = torch.as_tensor(sorted(int(c) for c in category_ids), dtype=torch.int64)
     if not (restoring or weights_follow):
         _warn_random_parts(cfg)
-    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage)
+    backbone = build_backbone(
+        cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage, cfg.backbone_drop_path
+    )
     if cfg.architecture == "dino":
         return _build_dino(cfg, backbone, category_ids)
     hierarchy = None
     if taxonomy is not None:
         from taxonomy.hierarchy import CategoryHierarchy
 
-        hierarchy = CategoryHierarchy.from_taxonomy(taxonomy, cfg.tree_weight)
+        hierarchy = CategoryHierarchy.from_taxonomy(taxonomy, cfg.tree_weight, cfg.tree_alpha)
         if not torch.equal(torch.as_tensor(hierarchy.category_ids), category_ids):
             raise ValueError("the taxonomy's categories are not the model's category ids")
     init = None if restoring else initial_embeddings(cfg.category_embeddings, category_ids)
     queries = CategoryQueries(
         len(category_ids),
-        cfg.d_model,
+        cfg.category_width,
         init.shape[1] if init is not None else cfg.text_dim,
         cfg.correlation,
-        cfg.selector_heads,
+        cfg.correlation_heads,
         init,
         hierarchy,
         require_hierarchy=not restoring,
     )
     selector = ImageGuidedSelection(
-        backbone.channels[-1], cfg.d_model, cfg.selector_heads, cfg.selector_chunk
+        backbone.channels[-1],
+        cfg.category_width,
+        cfg.selector_image_width,
+        cfg.selector_layers,
+        cfg.selector_heads,
+        cfg.selector_ffn,
+        cfg.selector_dropout,
+        cfg.selector_chunk,
+        cfg.selector_masks_padding,
     )
     selection = SelectionCriterion(*cfg.asl, hierarchy=hierarchy)
     if cfg.architecture == "cq_selector":
@@ -133,11 +168,13 @@ def build_model(
         selector,
         cfg.num_selected,
         cfg.force_gt_categories,
+        cfg.dn_labels,
         num_levels=cfg.num_levels,
         dn_number=cfg.dn_number,
         label_noise=cfg.label_noise,
         box_noise=cfg.box_noise,
         neck_groups=cfg.neck_groups,
+        share_heads=cfg.share_heads,
     )
     return model, _criterion(cfg, selection), PostProcess(cfg.max_detections)
 
@@ -163,6 +200,10 @@ def _transformer(cfg: ModelConfig, category_fusion: bool = False) -> DeformableT
         cfg.dec_points,
         cfg.num_queries,
         category_fusion,
+        cfg.fusion_dim,
+        cfg.fusion_heads,
+        cfg.fusion_dropout,
+        cfg.fusion_category_layers,
     )
 
 
@@ -184,5 +225,6 @@ def _build_dino(cfg: ModelConfig, backbone, category_ids):
         cfg.label_noise,
         cfg.box_noise,
         cfg.neck_groups,
+        cfg.share_heads,
     )
     return model, _criterion(cfg), PostProcess(cfg.max_detections)

@@ -1,19 +1,19 @@
 """CQ-DINO's learnable category queries `Q_cat` and the encoding of category correlations (§3.4).
 
 `Q_cat [C, D_text]` holds one row per category id (ascending), initialised from the taxonomy's
-OpenCLIP text embeddings (random normal when no file is given, and the log says so) and
-projected to the model width. Correlations are then encoded by
+OpenCLIP text embeddings (random normal when no file is given) and mapped to the category
+width W (768 in the full presets) by a linear layer and a ReLU, as the released code does
+(`relu(wordvec_proj(label_embed))`). Correlations are then encoded at that width by
 
 - `tree`: hierarchical tree construction (eq. 6-7), bottom-up: each parent v becomes
   (1 - alpha_v) Q_v + alpha_v * mean of its direct children's (already updated) queries, the
   deepest parents first, so that information climbs the whole tree; a node may have several
   parents. No parameters; the edge arrays are buffers, so an exported model carries its tree.
-- `self_attention`: an 8-head self-attention layer over all categories (for flat vocabularies
-  such as COCO; its cost is quadratic in C).
-- `none`: the projected queries as they are.
-
-Projection and tree construction commute (both are linear and the blend weights sum to 1), so
-the tree runs at the model width, the cheaper side.
+  A LayerNorm follows the tree, in the released code's order: the tree blends raw features and
+  the norm sees the blend (a norm does not commute with the blend, so the order matters).
+- `self_attention`: an 8-head self-attention layer over all categories with a residual and a
+  LayerNorm (for flat vocabularies such as COCO; its cost is quadratic in C).
+- `none`: the mapped queries, normalised.
 """
 
 from __future__ import annotations
@@ -100,12 +100,12 @@ class QueryTable(nn.Module):
 
 
 class CategoryQueries(nn.Module):
-    """Q_cat and its correlation encoding; `forward()` gives the encoded queries [C, D]."""
+    """Q_cat and its correlation encoding; `forward()` gives the encoded queries [C, W]."""
 
     def __init__(
         self,
         num_categories: int,
-        d_model: int,
+        width: int,
         text_dim: int = 768,
         correlation: str = "tree",
         heads: int = 8,
@@ -126,11 +126,12 @@ class CategoryQueries(nn.Module):
                 )
             with torch.no_grad():
                 self.embedding.weight.copy_(init)
-        self.proj = nn.Linear(text_dim, d_model)
-        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(text_dim, width)
         if correlation == "self_attention":
-            self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
-            self.attn_norm = nn.LayerNorm(d_model)
+            self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+            self.attn_norm = nn.LayerNorm(width)
+        else:
+            self.norm = nn.LayerNorm(width)
         empty = torch.zeros(0, dtype=torch.int64)
         for name in _TREE_BUFFERS:
             self.register_buffer(name, empty.clone() if name != "tree_alpha" else torch.zeros(0))
@@ -159,10 +160,9 @@ class CategoryQueries(nn.Module):
 
     @torch.no_grad()
     def freeze_for_inference(self) -> None:
-        """Keep only the encoded queries [C, D]: they do not depend on the image, so inference
-        needs neither the [C, D_text] table nor its projection and tree pass (at 768 -> 256
-        that is a third of the memory per category, and no per-image recomputation). The
-        module can no longer be trained or saved for training afterwards."""
+        """Keep only the encoded queries [C, W]: they do not depend on the image, so inference
+        needs neither the [C, D_text] table nor its mapping and tree pass (no per-image
+        recomputation). The module can no longer be trained or saved for training afterwards."""
         encoded = self.forward().detach()
         for name in ("embedding", "proj", "norm", "attn", "attn_norm"):
             if hasattr(self, name):
@@ -170,11 +170,14 @@ class CategoryQueries(nn.Module):
         self.register_buffer("encoded", encoded, persistent=False)
 
     def forward(self) -> torch.Tensor:
-        """The encoded category queries [C, D] (the table module is called, not read: ZeRO-3
+        """The encoded category queries [C, W] (the table module is called, not read: ZeRO-3
         gathers parameters on module calls)."""
         if getattr(self, "encoded", None) is not None:
             return self.encoded
-        q = self.norm(self.proj(self.embedding()))
+        q = torch.relu(self.proj(self.embedding()))
+        if self.correlation == "self_attention":
+            x = q[None]
+            return self.attn_norm(x + self.attn(x, x, x, need_weights=False)[0])[0]
         if self.correlation == "tree" and self.tree_parent.numel():
             q = tree_construction(
                 q,
@@ -183,10 +186,7 @@ class CategoryQueries(nn.Module):
                 self.tree_level_sizes.tolist(),
                 self.tree_alpha,
             )
-        elif self.correlation == "self_attention":
-            x = q[None]
-            q = self.attn_norm(x + self.attn(x, x, x, need_weights=False)[0])[0]
-        return q
+        return self.norm(q)
 
 
 def initial_embeddings(path: str | None, category_ids: torch.Tensor) -> torch.Tensor | None:

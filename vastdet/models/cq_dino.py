@@ -2,16 +2,19 @@
 learnable category queries, with image-guided query selection (§3.2-3.4).
 
 - `ImageGuidedSelection`: category queries attend to image tokens (the last backbone level plus
-  a pooled global token); a scorer gives logits over every category [B, C]. Categories are
-  scored in chunks inside one call; with gradients on, each chunk is recomputed in the backward
-  pass instead of kept, so a step's memory holds [B, C] scores, not [B, heads, C, tokens].
+  a pooled global token) through a Query2Label-style head; a scorer gives logits over every
+  category [B, C]. Categories are scored in chunks inside one call; with gradients on, each
+  chunk is recomputed in the backward pass instead of kept, so a step's memory holds [B, C]
+  scores, not [B, heads, C, tokens].
 - `select_categories`: the top-C' category rows per image (optionally forcing the ground-truth
   categories in during training).
 - `ContrastiveAlignment`: logits [B, Q, C'] = object query . selected category query / sqrt(D)
-  + a learnable bias, shared by every decoder layer and the encoder proposals.
+  + a learnable bias (Grounding DINO's contrastive embedding with log_scale `auto`), one per
+  decoder layer or shared (`share_heads`).
 - `CategorySelector`: stage 1 (backbone, category queries, selector) alone.
-- `CQDINO`: the whole detector; the selected queries go through the feature enhancer, steer
-  the proposals (language-guided query selection) and the cross-modality decoder.
+- `CQDINO`: the whole detector; the selector's image-conditioned outputs for the selected
+  categories go through the feature enhancer, steer the proposals (language-guided query
+  selection) and the cross-modality decoder.
 
 Outputs carry `category_ids` [B, C'] (the ids the slots stand for), `selection_logits`
 [B, C], `all_category_ids` [C] and `selected_rows` [B, C'].
@@ -22,13 +25,21 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vastdet.models.backbone import downsample_mask
 from vastdet.models.category_queries import CategoryQueries
 from vastdet.models.denoising import build_denoising
-from vastdet.models.dino import PRIOR_BIAS, DeformableDetector, backbone_levels, label_columns
+from vastdet.models.dino import (
+    PRIOR_BIAS,
+    DeformableDetector,
+    backbone_levels,
+    label_columns,
+    layer_module,
+    per_layer,
+)
 from vastdet.models.transformer import DeformableTransformer
 
 
@@ -40,54 +51,125 @@ def slot_of(labels: torch.Tensor, selected_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(eq.any(1), eq.to(torch.int64).argmax(1), torch.full_like(labels, -1))
 
 
-class ImageGuidedSelection(nn.Module):
-    """Category-to-image cross-attention and a scorer: logits over every category [B, C]."""
+class SelectorLayer(nn.Module):
+    """One layer of the selector head (Query2Label's decoder without self-attention, as the
+    released code uses it): category queries cross-attend to the image tokens, then an FFN;
+    post-norm residuals with dropout, BERT's layout and initialisation. Categories do not see
+    each other, so any subset of them can be run on its own."""
 
-    def __init__(self, in_channels: int, d_model: int, heads: int = 8, chunk: int = 4096):
+    def __init__(self, width: int, image_width: int, heads: int, ffn: int, dropout: float):
         super().__init__()
-        self.heads, self.chunk = heads, chunk
-        self.input_proj = nn.Linear(in_channels, d_model)
-        self.token_norm = nn.LayerNorm(d_model)
-        self.q_proj, self.k_proj = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
-        self.v_proj, self.out_proj = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
-        self.norm = nn.LayerNorm(d_model)
-        self.scorer = nn.Linear(d_model, 1)
-        nn.init.constant_(self.scorer.bias, PRIOR_BIAS)  # every category starts at p = 0.01
+        if width % heads:
+            raise ValueError(f"selector width {width} must divide by its heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(width, width)
+        self.k, self.v = nn.Linear(image_width, width), nn.Linear(image_width, width)
+        self.out = nn.Linear(width, width)
+        self.norm1 = nn.LayerNorm(width, eps=1e-12)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn), nn.GELU(), nn.Linear(ffn, width))
+        self.norm2 = nn.LayerNorm(width, eps=1e-12)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens [B, T, W_img] -> keys and values [B, h, T, W / h]."""
+        b, t, _ = tokens.shape
+        k = self.k(tokens).view(b, t, self.heads, -1).transpose(1, 2)
+        v = self.v(tokens).view(b, t, self.heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(self, cats: torch.Tensor, k, v, bias: torch.Tensor) -> torch.Tensor:
+        """cats [1 or B, c, W] -> [B, c, W]; bias [B, 1, 1, T] is -inf on padded tokens."""
+        b, h, _, dh = k.shape
+        c = cats.shape[1]
+        q = self.q(cats).view(cats.shape[0], c, h, dh).transpose(1, 2)  # [1|B, h, c, dh]
+        attn = (q @ k.transpose(-1, -2) / math.sqrt(dh) + bias).softmax(-1)  # [B, h, c, T]
+        attn = F.dropout(attn, self.dropout, self.training)
+        x = self.out((attn @ v).transpose(1, 2).reshape(b, c, h * dh))
+        x = self.norm1(cats + F.dropout(x, self.dropout, self.training))
+        return self.norm2(x + F.dropout(self.ffn(x), self.dropout, self.training))
+
+
+class ImageGuidedSelection(nn.Module):
+    """Image-guided query selection (§3.3): category queries [C, W] attend to the image
+    tokens through `layers` selector layers (the released code: 2 layers, width 768, 4 heads,
+    FFN 3072, dropout 0.1, image tokens mapped to 512); a linear scorer gives each category's
+    logit [B, C].
+
+    Image tokens are the last backbone level's positions plus a global token first, their
+    masked mean. `mask_padding=False` does as the released code does: it averages over the
+    padding too and attends to padded positions (a batch's padding then changes each image's
+    scores). Scoring all C categories runs in chunks inside one call;
+    with gradients on, each chunk is recomputed in the backward pass instead of kept, so a
+    step holds [B, C] scores, never [B, heads, C, tokens]. `encode` runs the same layers with
+    gradient for the few selected rows, whose image-conditioned outputs the detector uses."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int = 768,
+        image_width: int = 512,
+        layers: int = 2,
+        heads: int = 4,
+        ffn: int = 3072,
+        dropout: float = 0.1,
+        chunk: int = 4096,
+        mask_padding: bool = True,
+    ):
+        super().__init__()
+        self.chunk, self.mask_padding = chunk, mask_padding
+        self.image_proj = nn.Linear(in_channels, image_width)
+        self.layers = nn.ModuleList(
+            SelectorLayer(width, image_width, heads, ffn, dropout) for _ in range(layers)
+        )
+        self.scorer = nn.Linear(width, 1)
 
     def tokens(self, feature: torch.Tensor, mask: torch.Tensor):
-        """Image tokens [B, 1 + HW, D] (a masked-mean global token first) and their padding mask."""
-        x = self.input_proj(feature.flatten(2).transpose(1, 2))
-        flat = mask.flatten(1)
+        """(keys and values per layer, attention bias [B, 1, 1, 1 + HW]) of the image tokens of
+        `feature` [B, C_in, H, W] with padding `mask` [B, H, W]."""
+        x = feature.flatten(2).transpose(1, 2)
+        flat = mask.flatten(1) if self.mask_padding else torch.zeros_like(mask.flatten(1))
         keep = (~flat).to(x.dtype)[..., None]
         pooled = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
-        tokens = self.token_norm(torch.cat([pooled, x], 1))
-        return tokens, torch.cat([flat.new_zeros(flat.shape[0], 1), flat], 1)
+        tokens = self.image_proj(torch.cat([pooled, x], 1))
+        pad = torch.cat([flat.new_zeros(flat.shape[0], 1), flat], 1)
+        bias = torch.zeros(pad.shape, dtype=tokens.dtype, device=tokens.device)
+        bias = bias.masked_fill(pad, float("-inf"))[:, None, None, :]
+        return [layer.keys_values(tokens) for layer in self.layers], bias
 
-    def _score(self, cats, k, v, bias):
-        """Scores of one chunk of categories [B, c] (cats [c, D]; k, v [B, h, T, dh])."""
-        b, h, _, dh = k.shape
-        q = self.q_proj(cats).view(-1, h, dh).transpose(0, 1)[None]  # [1, h, c, dh]
-        attn = (q @ k.transpose(-1, -2) / math.sqrt(dh) + bias).softmax(-1)  # [B, h, c, T]
-        out = self.out_proj((attn @ v).transpose(1, 2).reshape(b, -1, h * dh))
-        return self.scorer(self.norm(out + cats[None])).squeeze(-1)
+    def _hidden(self, cats: torch.Tensor, kv, bias) -> torch.Tensor:
+        x = cats
+        for layer, (k, v) in zip(self.layers, kv):
+            x = layer(x, k, v, bias)
+        return x
+
+    def _score(self, cats: torch.Tensor, kv, bias) -> torch.Tensor:
+        return self.scorer(self._hidden(cats[None], kv, bias)).squeeze(-1)
+
+    def score(self, categories: torch.Tensor, kv, bias) -> torch.Tensor:
+        """Logits [B, C] of every category query [C, W]."""
+        parts = []
+        for chunk in categories.split(self.chunk):
+            if torch.is_grad_enabled() and len(categories) > self.chunk:
+                parts.append(checkpoint(self._score, chunk, kv, bias, use_reentrant=False))
+            else:
+                parts.append(self._score(chunk, kv, bias))
+        return torch.cat(parts, 1)
+
+    def encode(self, selected: torch.Tensor, kv, bias) -> torch.Tensor:
+        """The selector's outputs for each image's selected queries [B, C', W] -> [B, C', W]."""
+        return self._hidden(selected, kv, bias)
 
     def forward(
         self, categories: torch.Tensor, feature: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """categories [C, D]; feature [B, C_in, H, W] (last backbone level); mask [B, H, W]."""
-        tokens, pad = self.tokens(feature, mask)
-        b, t, d = tokens.shape
-        k = self.k_proj(tokens).view(b, t, self.heads, -1).transpose(1, 2)
-        v = self.v_proj(tokens).view(b, t, self.heads, -1).transpose(1, 2)
-        bias = torch.zeros(b, 1, 1, t, dtype=tokens.dtype, device=tokens.device)
-        bias = bias.masked_fill(pad[:, None, None, :], float("-inf"))
-        parts = []
-        for chunk in categories.split(self.chunk):
-            if torch.is_grad_enabled() and len(categories) > self.chunk:
-                parts.append(checkpoint(self._score, chunk, k, v, bias, use_reentrant=False))
-            else:
-                parts.append(self._score(chunk, k, v, bias))
-        return torch.cat(parts, 1)
+        """categories [C, W]; feature [B, C_in, H, W] (last backbone level); mask [B, H, W]."""
+        return self.score(categories, *self.tokens(feature, mask))
+
+
+DN_LABELS = ("learned", "category")
 
 
 @torch.no_grad()
@@ -121,17 +203,19 @@ class SelectionMixin:
     `category_ids`, `num_selected`, `force_gt_categories`)."""
 
     def select(self, backbone_feats, masks, targets):
-        """(all category queries [C, D], selection logits [B, C], selected rows [B, C'])."""
+        """(category queries [C, W], image tokens (keys/values, bias), selection logits [B, C],
+        selected rows [B, C'])."""
         cats = self.category_queries()
         last = backbone_feats[-1]
-        logits = self.selector(cats, last, downsample_mask(masks, last.shape[-2:]))
+        kv, bias = self.selector.tokens(last, downsample_mask(masks, last.shape[-2:]))
+        logits = self.selector.score(cats, kv, bias)
         forced = None
         if self.training and self.force_gt_categories and targets is not None:
             forced = [
                 label_columns(t["labels"].to(self.category_ids.device), self.category_ids)
                 for t in targets
             ]
-        return cats, logits, select_categories(logits, self.num_selected, forced)
+        return cats, (kv, bias), logits, select_categories(logits, self.num_selected, forced)
 
     def selection_outputs(self, logits, rows) -> dict:
         return {
@@ -166,11 +250,17 @@ class CategorySelector(SelectionMixin, nn.Module):
         self.force_gt_categories = force_gt_categories
 
     def forward(self, images, masks, targets=None) -> dict:
-        _, logits, rows = self.select(backbone_levels(self.backbone, images), masks, targets)
+        _, _, logits, rows = self.select(backbone_levels(self.backbone, images), masks, targets)
         return self.selection_outputs(logits, rows)
 
 
 class CQDINO(SelectionMixin, DeformableDetector):
+    """The whole detector. The selected categories' image-conditioned selector outputs
+    [B, C', W] (the paper's Q'_cat) are mapped to the model width by `category_proj` (the
+    released code's `text_feat_map`) and go through the feature enhancer, steer the proposals
+    (language-guided query selection) and the cross-modality decoder; the detector's loss
+    reaches the selector through them."""
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -180,25 +270,43 @@ class CQDINO(SelectionMixin, DeformableDetector):
         selector: ImageGuidedSelection,
         num_selected: int = 100,
         force_gt_categories: bool = False,
+        dn_labels: str = "learned",
         **kwargs,
     ):
         super().__init__(backbone, transformer, category_ids, **kwargs)
+        if dn_labels not in DN_LABELS:
+            raise ValueError(f"dn_labels must be one of {DN_LABELS}, not {dn_labels!r}")
         if transformer.enhancer is None:
             raise ValueError("CQ-DINO's transformer needs category_fusion=True")
+        d = transformer.d_model
         self.category_queries = category_queries
         self.selector = selector
-        self.alignment = ContrastiveAlignment(transformer.d_model)
+        self.category_proj = nn.Linear(selector.scorer.in_features, d)
+        nn.init.xavier_uniform_(self.category_proj.weight)
+        nn.init.zeros_(self.category_proj.bias)
+        layers = len(transformer.decoder)
+        self.alignment = per_layer(lambda: ContrastiveAlignment(d), layers, self.share_heads)
+        # the proposals' own classifier when layers have their own (the released code's
+        # cls_branches[num_layers]); with shared heads every classification shares one
+        self.enc_alignment = None if self.share_heads else ContrastiveAlignment(d)
         self.num_selected = num_selected
         self.force_gt_categories = force_gt_categories
+        # denoising content queries: a learned embedding per slot index, as the released code's
+        # Grounding DINO denoising embeds each label's index in the image's prompt; or the
+        # selected categories' own features (`category`)
+        self.dn_label_embedding = nn.Embedding(num_selected, d) if dn_labels == "learned" else None
 
     def class_logits(self, tokens, layer: int, best_only: bool = False, categories=None):
         """Alignment logits against the (fused) selected category queries [..., C']."""
-        return self.alignment(tokens, categories, best_only)
+        if layer < 0 and self.enc_alignment is not None:
+            return self.enc_alignment(tokens, categories, best_only)
+        return layer_module(self.alignment, max(layer, 0))(tokens, categories, best_only)
 
     def forward(self, images, masks, targets=None) -> dict:
         backbone_feats = self.backbone_features(images)
-        cats, sel_logits, rows = self.select(backbone_feats, masks, targets)
-        selected = cats[rows]  # [B, C', D]: only these rows get gradient from the detector
+        cats, image_tokens, sel_logits, rows = self.select(backbone_feats, masks, targets)
+        hidden = self.selector.encode(cats[rows], *image_tokens)  # [B, C', W], image-conditioned
+        selected = self.category_proj(hidden)  # [B, C', D]
         feats, level_masks, positions = self.features(images, masks, backbone_feats)
         dn = None
         if self.training and targets is not None:
@@ -214,7 +322,7 @@ class CQDINO(SelectionMixin, DeformableDetector):
             dn = build_denoising(
                 slots,
                 [t["boxes"] for t in targets],
-                embed,
+                self.dn_label_embedding if self.dn_label_embedding is not None else embed,
                 self.transformer.num_queries,
                 self.dn_number,
                 self.label_noise,

@@ -59,7 +59,7 @@ class SelectionCriterion(nn.Module):
     """CQ-DINO's selection loss: the asymmetric loss over every category's selection logit
     [B, C], targets the categories present in the image, the strict ancestors of present
     categories left out of the negatives when a hierarchy is given (§3.4). Summed over
-    categories and averaged over images."""
+    categories and over the rank's images, as the released code reduces it (`-loss.sum()`)."""
 
     def __init__(
         self,
@@ -90,7 +90,7 @@ class SelectionCriterion(nn.Module):
         loss = asymmetric_loss(
             logits, present.to(logits.dtype), self.gamma_neg, self.gamma_pos, self.clip, mask
         )
-        return {"loss_sel": loss.sum() / max(len(targets), 1)}
+        return {"loss_sel": loss.sum()}
 
     def weighted_sum(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights.get(k, 0.0) * v for k, v in losses.items() if k in self.weights)

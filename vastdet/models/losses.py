@@ -51,12 +51,19 @@ def asymmetric_loss(
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """ASL, element-wise: positives -(1 - p)^gamma_pos log p; negatives -p_m^gamma_neg log(1 - p_m)
-    with the shifted probability p_m = max(p - clip, 0). Entries where `mask` is True count 0."""
+    with the shifted probability p_m = max(p - clip, 0). Entries where `mask` is True count 0.
+
+    The focusing weights (1 - p)^gamma_pos and p_m^gamma_neg are constants to the gradient, as
+    in the ASL reference and CQ-DINO's released code (`disable_torch_grad_focal_loss=True`):
+    a negative's gradient is p_m^gamma_neg * p (1 - p) / (1 - p_m), not that plus the weight's
+    own derivative, which at gamma_neg = 7 would multiply it several times over."""
     p = logits.sigmoid()
     p_neg = (p - clip).clamp(min=0) if clip > 0 else p
-    positive_term = targets * (1 - p).pow(gamma_pos) * torch.log(p.clamp(min=eps))
-    negative_term = (1 - targets) * p_neg.pow(gamma_neg) * torch.log((1 - p_neg).clamp(min=eps))
-    loss = -(positive_term + negative_term)
+    log_pos = torch.log(p.clamp(min=eps))
+    log_neg = torch.log((1 - p_neg).clamp(min=eps))
+    with torch.no_grad():
+        weight = targets * (1 - p).pow(gamma_pos) + (1 - targets) * p_neg.pow(gamma_neg)
+    loss = -(targets * log_pos + (1 - targets) * log_neg) * weight
     if mask is not None:
         loss = loss.masked_fill(mask, 0.0)
     return loss
