@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vastdet.evaluation.coco import STAT_NAMES, evaluate_boxes
+from vastdet.evaluation.coco import STAT_NAMES, evaluate_boxes, stat_names
 
 
 def generate(seed: int, images=12, cats=7, per_image=5, crowd_rate=0.1, dets_per_gt=3):
@@ -107,7 +107,7 @@ def test_other_max_detections_and_ap_at_the_largest():
         ours.dense_precision(cats), ref.eval["precision"], atol=1e-12, rtol=0
     )
     np.testing.assert_allclose(
-        [ours.stats[k] for k in STAT_NAMES[1:]], ref.stats[1:], atol=1e-12, rtol=0
+        [ours.stats[k] for k in stat_names((1, 3, 5))[1:]], ref.stats[1:], atol=1e-12, rtol=0
     )
     at_largest = ref.eval["precision"][:, :, :, 0, -1]
     assert ref.stats[0] == -1 and ours.stats["AP"] == pytest.approx(
@@ -230,3 +230,61 @@ def test_base_and_novel_ap_split():
         values = ref[:, :, cols, 0, -1]
         assert split[name] == pytest.approx(values[values > -1].mean(), abs=1e-12)
     assert novel_split(Taxonomy([Node("a", "a", category_id=1)])) == {}
+
+
+def test_a_zero_area_detection_on_a_crowd_image_is_a_false_positive_as_in_pycocotools():
+    """IoU with no overlap is 0, not 0/0: the empty detection outranks the real one and costs
+    precision, as pycocotools counts it."""
+    box = [10.0, 10.0, 40.0, 40.0]
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100}],
+        "categories": [{"id": 1}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": 1600.0, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [60.0, 60, 30, 30], "area": 900.0,
+             "iscrowd": 1},
+        ],
+    }  # fmt: skip
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [70.0, 70.0, 0.0, 5.0], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": box, "score": 0.8},
+    ]
+    ours = evaluate_boxes(gt, results)
+    ref = pycocotools_eval(gt, results)
+    np.testing.assert_allclose([ours.stats[k] for k in STAT_NAMES], ref.stats, atol=1e-12, rtol=0)
+    assert ours.stats["AP"] < 0.6  # the empty box is a false positive ranked first
+
+
+def test_v3det_rule_with_detections_of_categories_outside_the_ground_truth():
+    """A detection whose category the ground truth does not list is left out (pycocotools'
+    catIds), under V3Det's rule as without it."""
+    from taxonomy import Node, Taxonomy
+    from vastdet.evaluation.coco import category_descendants
+
+    tax = Taxonomy(
+        [Node("a", "animal", (), 1), Node("c", "cat", ("a",), 2), Node("k", "kitten", ("c",), 3)]
+    )
+    box = [10.0, 10.0, 50.0, 50.0]
+    gt = {
+        "images": [{"id": 1}],
+        "categories": [{"id": 1}, {"id": 2}],  # kitten (3) is not evaluated
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": 2500.0, "iscrowd": 0}
+        ],
+    }
+    results = [
+        {"image_id": 1, "category_id": 3, "bbox": box, "score": 0.95},
+        {"image_id": 1, "category_id": 1, "bbox": box, "score": 0.9},
+    ]
+    ruled = evaluate_boxes(gt, results, (1, 10, 300), category_descendants(tax))
+    assert ruled.stats["AP"] == pytest.approx(1.0) and 3 not in ruled.category_ids
+
+
+def test_unsorted_max_dets_are_sorted_and_recall_is_named_by_its_max_det():
+    gt, results = generate(5, dets_per_gt=6)
+    ours = evaluate_boxes(gt, results, max_dets=(100, 1, 10))
+    ref = pycocotools_eval(gt, results, (100, 1, 10))  # pycocotools sorts them
+    np.testing.assert_allclose([ours.stats[k] for k in STAT_NAMES], ref.stats, atol=1e-12, rtol=0)
+    v3det = evaluate_boxes(gt, results, max_dets=(1, 10, 300))
+    assert "AR300" in v3det.stats and "AR100" not in v3det.stats
+    assert v3det.stats["AR300"] >= ours.stats["AR100"]

@@ -26,20 +26,20 @@ AREA_RANGES = {
     "medium": (32.0**2, 96.0**2),
     "large": (96.0**2, 1e10),
 }
-STAT_NAMES = (
-    "AP",
-    "AP50",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
-    "AR1",
-    "AR10",
-    "AR100",
-    "ARs",
-    "ARm",
-    "ARl",
-)
+
+
+def stat_names(max_dets: tuple[int, ...] = (1, 10, 100)) -> tuple[str, ...]:
+    """The 12 summary numbers' names; recall is named by its maxDet (`AR300` under V3Det's
+    (1, 10, 300), where pycocotools' labels would say AR100)."""
+    dets = sorted(max_dets)
+    return (
+        ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        + tuple(f"AR{m}" for m in dets[:3])
+        + ("ARs", "ARm", "ARl")
+    )
+
+
+STAT_NAMES = stat_names()  # COCO's (1, 10, 100)
 
 
 @dataclass
@@ -80,10 +80,13 @@ def _box_iou(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.ndarray:
     gx0, gy0, gw, gh = gt.T
     iw = np.minimum(dx0[:, None] + dw[:, None], gx0 + gw) - np.maximum(dx0[:, None], gx0)
     ih = np.minimum(dy0[:, None] + dh[:, None], gy0 + gh) - np.maximum(dy0[:, None], gy0)
-    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
+    overlap = (iw > 0) & (ih > 0)
+    inter = np.where(overlap, iw * ih, 0.0)
     d_area = (dw * dh)[:, None]
     union = np.where(crowd[None, :], d_area, d_area + (gw * gh)[None, :] - inter)
-    return inter / union
+    # no overlap is IoU 0 (pycocotools skips the division): a zero-area detection on a crowd
+    # ground truth would otherwise be 0 / 0 and drop out instead of counting as a false positive
+    return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
 
 
 def _match(ious, gt_ignore, crowd, gt_ids, dt_area, area_range):
@@ -135,7 +138,8 @@ def _v3det_ignored_copies(
 ) -> list[dict]:
     """V3Det's rule: a ground truth of category A gets an ignored copy in every descendant
     category C of A that has detections in the same image, so a finer-grained detection on it
-    is neither a true nor a false positive (copies keep the original's id, as V3Det's do)."""
+    is neither a true nor a false positive (copies keep the original's id, as V3Det's do).
+    `results` hold evaluated categories only."""
     detected = {(r["image_id"], r["category_id"]) for r in results}
     copies = []
     for a in anns:
@@ -156,14 +160,21 @@ def evaluate_boxes(
     `descendants` (category id -> ids below it, see `category_descendants`) turns on the V3Det
     protocol's hierarchy rule; V3Det evaluates 300 detections per image: `max_dets=(1, 10, 300)`.
     """
+    max_dets = tuple(sorted(max_dets))  # as pycocotools sorts its maxDets
     image_ids = sorted(img["id"] for img in gt["images"])
     category_ids = sorted(c["id"] for c in gt["categories"])
     img_index = {i: n for n, i in enumerate(image_ids)}
     cat_index = {c: n for n, c in enumerate(category_ids)}
     n_img = len(image_ids)
+    unknown_images = {r["image_id"] for r in results} - set(img_index)
+    if unknown_images:
+        raise ValueError(
+            f"results name images not in the ground truth: {sorted(unknown_images)[:10]}"
+        )
+    kept = [r for r in results if r["category_id"] in cat_index]  # as pycocotools' catIds
     anns = list(gt["annotations"])
     if descendants:
-        anns += _v3det_ignored_copies(anns, results, descendants)
+        anns += _v3det_ignored_copies(anns, kept, descendants)
     g_key = np.array(
         [cat_index[a["category_id"]] * n_img + img_index[a["image_id"]] for a in anns],
         dtype=np.int64,
@@ -173,12 +184,6 @@ def evaluate_boxes(
     g_crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
     g_copy = np.array([a.get("_ignored_copy", False) for a in anns], dtype=bool)
     g_id = np.array([a["id"] for a in anns], dtype=np.float64)
-    unknown_images = {r["image_id"] for r in results} - set(img_index)
-    if unknown_images:
-        raise ValueError(
-            f"results name images not in the ground truth: {sorted(unknown_images)[:10]}"
-        )
-    kept = [r for r in results if r["category_id"] in cat_index]
     d_key = np.array(
         [cat_index[r["category_id"]] * n_img + img_index[r["image_id"]] for r in kept],
         dtype=np.int64,
@@ -305,7 +310,7 @@ def _summarize(precision, recall, max_dets) -> dict[str, float]:
         ar("medium"),
         ar("large"),
     ]
-    return dict(zip(STAT_NAMES, values))
+    return dict(zip(stat_names(max_dets), values))
 
 
 def split_ap(evaluation: BoxEvaluation, groups: dict[str, set[int]]) -> dict[str, float]:

@@ -227,10 +227,19 @@ def format_metrics(metrics: dict) -> str:
             return ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
         return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
 
-    names = [n for n in STAT_NAMES if n in metrics] + sorted(
-        k for k in metrics if k not in STAT_NAMES
-    )
+    names = sorted(metrics, key=_stat_order)
     return "\n".join(f"{n:<16} {shown(metrics[n])}" for n in names)
+
+
+def _stat_order(name: str) -> tuple:
+    """COCO's order for the summary numbers (recall by its maxDet), then the rest by name."""
+    if name in STAT_NAMES[:6]:
+        return (0, STAT_NAMES.index(name), name)
+    if name.startswith("AR") and name[2:].isdigit():
+        return (1, int(name[2:]), name)
+    if name in ("ARs", "ARm", "ARl"):
+        return (2, ("ARs", "ARm", "ARl").index(name), name)
+    return (3, 0, name)
 
 
 def run_eval(
