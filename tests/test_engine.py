@@ -344,3 +344,29 @@ def test_a_single_process_run_opens_no_port_on_every_interface():
     lines = done.stdout.strip().splitlines()
     assert lines[-2] == "(0, 1)"
     assert not {"0.0.0.0", "::"} & set(json.loads(lines[-1])), lines[-1]
+
+
+def test_the_v3det_recipe_presets_load_with_a_users_data(tmp_path):
+    """A user's file names the preset and adds data: nested settings merge key by key."""
+    from vastdet.engine.config import load_train_config
+    from vastdet.engine.train import lr_factor
+
+    path = tmp_path / "stage2.yaml"
+    path.write_text(
+        "preset: cq_dino_swin_b_v3det_stage2\n"
+        "model: {init_from: runs/stage1}\n"
+        "data: {train_shards: shards/train}\n"
+    )
+    cfg = load_train_config(str(path))
+    assert cfg.data.train_shards == "shards/train" and cfg.data.transforms.crop_resize == ()
+    assert cfg.model.architecture == "cq_dino" and cfg.model.init_from == "runs/stage1"
+    assert cfg.model.backbone == "swin_b" and cfg.model.backbone_drop_path == 0.3
+    assert not cfg.model.share_heads and cfg.model.selector_layers == 2
+    assert [(g.lr_mult, g.weight_decay_mult) for g in cfg.optim.param_groups] == [(0.01, 10.0)] * 2
+    assert lr_factor(0, cfg.optim) == pytest.approx(0.1 + 0.9 / 1000)  # LinearLR from 0.1
+    assert lr_factor(999, cfg.optim) == 1.0 and lr_factor(137256, cfg.optim) == pytest.approx(0.1)
+    stage1 = tmp_path / "stage1.yaml"
+    stage1.write_text("preset: cq_dino_swin_b_v3det_stage1\ndata: {train_shards: s}\n")
+    first = load_train_config(str(stage1))
+    assert first.model.architecture == "cq_selector" and first.optim.param_groups == []
+    assert first.steps == 114380 and first.data.transforms.scales[-1] == 800

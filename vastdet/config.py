@@ -59,6 +59,19 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def merged(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, mappings merged key by key at every depth (a preset's
+    `data.transforms` survives a file that sets only `data.train_shards`); other values,
+    lists included, are replaced whole."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _check_minimum(value: Any, minimum: float, where: str, source: str) -> None:
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
@@ -123,7 +136,7 @@ def from_dict(cls: type[T], data: dict, source: str = "<config>", where: str = "
     """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values.
 
     A `preset` key starts from that preset (or YAML file) and overrides its keys with the
-    others: `model: {preset: cq_dino_tiny, init_from: runs/stage1}`."""
+    others, nested mappings key by key: `model: {preset: cq_dino_tiny, init_from: runs/s1}`."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     seen: set[str] = set()
@@ -132,7 +145,7 @@ def from_dict(cls: type[T], data: dict, source: str = "<config>", where: str = "
             raise ConfigError(f"{source}: presets name each other in a loop: {sorted(seen)}")
         seen.add(str(data["preset"]))
         base = read_yaml(preset_path(data["preset"]))
-        data = {**base, **{k: v for k, v in data.items() if k != "preset"}}
+        data = merged(base, {k: v for k, v in data.items() if k != "preset"})
     unknown = sorted(set(data) - names)
     if unknown:
         place = f" in {where}" if where else ""
