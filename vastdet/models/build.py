@@ -12,7 +12,12 @@ from vastdet.config import at_least
 from vastdet.models.backbone import build_backbone
 from vastdet.models.category_queries import CORRELATIONS, CategoryQueries, initial_embeddings
 from vastdet.models.cq_dino import CQDINO, DN_LABELS, CategorySelector, ImageGuidedSelection
-from vastdet.models.criterion import DEFAULT_WEIGHTS, SelectionCriterion, SetCriterion
+from vastdet.models.criterion import (
+    DEFAULT_WEIGHTS,
+    OneToMany,
+    SelectionCriterion,
+    SetCriterion,
+)
 from vastdet.models.dino import DINO
 from vastdet.models.matcher import HungarianMatcher
 from vastdet.models.postprocess import PostProcess
@@ -83,6 +88,17 @@ class ModelConfig:
     fusion_category_layers: bool = False  # Grounding DINO's category self-attention + FFN too
     asl: tuple[float, float, float] = (7.0, 0.0, 0.05)  # gamma_neg, gamma_pos, clip
     init_from: str | None = None  # stage 2: a stage-1 run folder or exported file
+    # PaQ-DETR (the paper's settings: 50 patterns for 300 queries, 150 for 900)
+    patterns: int = at_least(0, 0)  # m of Q^P; 0: DINO's static content queries ("D" off)
+    pattern_hidden: int = at_least(1, 32)  # the weight generator MLP's hidden width (ours)
+    pattern_dilation: int = at_least(1, 2)  # its dilated 3x3 convolutions' dilation (ours)
+    diversity_weight: float = at_least(0.0, 0.2)  # beta of eq. 9
+    one_to_many: bool = False  # quality-aware one-to-many on intermediate layers ("Q")
+    o2m_topk: int = at_least(1, 4)  # k of eq. 7
+    o2m_min_positives: int = at_least(1, 1)  # l of eq. 7
+    o2m_gamma: float = at_least(0.0, 0.4)  # gamma of eq. 6
+    vfl_alpha: float = at_least(0.0, 0.75)  # varifocal loss (VarifocalNet's values)
+    vfl_gamma: float = at_least(0.0, 2.0)
     diagnostics: bool = True  # log rho (eq. 3) and eta (eq. 4) on the classification logits
 
     def __post_init__(self) -> None:
@@ -204,14 +220,33 @@ def _transformer(cfg: ModelConfig, category_fusion: bool = False) -> DeformableT
         cfg.fusion_heads,
         cfg.fusion_dropout,
         cfg.fusion_category_layers,
+        cfg.patterns,
+        cfg.pattern_hidden,
+        cfg.pattern_dilation,
     )
 
 
-def _criterion(cfg: ModelConfig, selection=None) -> SetCriterion:
+def build_matcher(cfg: ModelConfig) -> HungarianMatcher:
+    """The one-to-one matcher with the model's costs (training, and query use in evaluation)."""
     cost_class, cost_bbox, cost_giou = cfg.matcher_costs
-    matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, cfg.focal_alpha, cfg.focal_gamma)
+    return HungarianMatcher(cost_class, cost_bbox, cost_giou, cfg.focal_alpha, cfg.focal_gamma)
+
+
+def _criterion(cfg: ModelConfig, selection=None) -> SetCriterion:
+    one_to_many = None
+    if cfg.one_to_many:
+        one_to_many = OneToMany(
+            cfg.o2m_topk, cfg.o2m_min_positives, cfg.o2m_gamma, cfg.vfl_alpha, cfg.vfl_gamma
+        )
     return SetCriterion(
-        matcher, cfg.loss_weights, cfg.focal_alpha, cfg.focal_gamma, selection, cfg.diagnostics
+        build_matcher(cfg),
+        cfg.loss_weights,
+        cfg.focal_alpha,
+        cfg.focal_gamma,
+        selection,
+        cfg.diagnostics,
+        one_to_many,
+        cfg.diversity_weight,
     )
 
 

@@ -1,8 +1,10 @@
 """DINO's training objective: matched focal classification, L1 and GIoU on every decoder layer,
-on the encoder proposals and on the denoising queries (matched by construction).
+on the encoder proposals and on the denoising queries (matched by construction); with PaQ-DETR,
+also the quality-aware one-to-many losses of the intermediate layers (varifocal
+classification, L1, GIoU) and the pattern diversity loss (eq. 8-9).
 
-Classification targets are formed without a one-hot [B, Q, C] tensor: the focal loss with target
-0 is taken everywhere and corrected at the matched (query, class) entries.
+Classification targets are formed without a one-hot [B, Q, C] tensor: the loss with target 0
+is taken everywhere and corrected at the positive (query, class) entries.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from vastdet.models.box_ops import cxcywh_to_xyxy, elementwise_generalized_box_i
 from vastdet.models.category_queries import ancestor_mask, hierarchy_edges
 from vastdet.models.cq_dino import selection_targets, slot_of
 from vastdet.models.dino import label_columns
-from vastdet.models.losses import asymmetric_loss, sigmoid_focal_loss
+from vastdet.models.losses import asymmetric_loss, sigmoid_focal_loss, varifocal_loss
 from vastdet.models.matcher import HungarianMatcher
+from vastdet.models.patterns import pattern_diversity
+from vastdet.models.quality_assignment import assign_one_to_many, quality_scores
 
 DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_sel": 1.0}
 HARD_NEGATIVES = 10  # N_h of eq. 4: the highest-scoring negatives of each matched query
@@ -96,13 +100,50 @@ class SelectionCriterion(nn.Module):
         return sum(self.weights.get(k, 0.0) * v for k, v in losses.items() if k in self.weights)
 
 
-def num_boxes_across_ranks(targets: list[dict], device) -> float:
-    """Target boxes per rank, averaged over ranks (so each rank's loss is on the same scale)."""
-    n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+def mean_across_ranks(count: float, device) -> float:
+    """A per-rank count averaged over ranks, at least 1 (so each rank's loss has one scale).
+    Collective: every rank calls it at the same point."""
+    n = torch.tensor([float(count)], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(n)
         n = n / torch.distributed.get_world_size()
     return max(float(n.item()), 1.0)
+
+
+def num_boxes_across_ranks(targets: list[dict], device) -> float:
+    """Target boxes per rank, averaged over ranks (so each rank's loss is on the same scale)."""
+    return mean_across_ranks(sum(len(t["labels"]) for t in targets), device)
+
+
+def column_targets(outputs: dict, targets: list[dict]) -> list[dict]:
+    """Targets with `labels` as the outputs' columns: rows of `category_ids` [C] (every
+    image's), or slots of [B, C'] (CQ-DINO's selected categories, -1 where not selected)."""
+    cats = outputs["category_ids"]
+    return [
+        {
+            **t,
+            "labels": label_columns(t["labels"].to(cats.device), cats)
+            if cats.dim() == 1
+            else slot_of(t["labels"].to(cats.device), cats[b]),
+        }
+        for b, t in enumerate(targets)
+    ]
+
+
+class OneToMany:
+    """PaQ-DETR's quality-aware one-to-many settings (§3.3-3.4): top-k 4, at least 1
+    positive, gamma 0.4, varifocal loss with VarifocalNet's alpha 0.75 and gamma 2."""
+
+    def __init__(
+        self,
+        topk: int = 4,
+        min_positives: int = 1,
+        gamma: float = 0.4,
+        vfl_alpha: float = 0.75,
+        vfl_gamma: float = 2.0,
+    ):
+        self.topk, self.min_positives, self.gamma = topk, min_positives, gamma
+        self.vfl_alpha, self.vfl_gamma = vfl_alpha, vfl_gamma
 
 
 class SetCriterion(nn.Module):
@@ -114,13 +155,16 @@ class SetCriterion(nn.Module):
         gamma: float = 2.0,
         selection: SelectionCriterion | None = None,
         diagnostics: bool = True,
+        one_to_many: OneToMany | None = None,
+        diversity_weight: float = 0.2,
     ):
         super().__init__()
         self.matcher = matcher
-        self.weights = dict(weights or DEFAULT_WEIGHTS)
+        self.weights = {**(weights or DEFAULT_WEIGHTS), "loss_div": diversity_weight}
         self.alpha, self.gamma = alpha, gamma
         self.selection = selection
         self.diagnostics = diagnostics
+        self.one_to_many = one_to_many
 
     def classification(
         self, logits: torch.Tensor, matches, targets, num_boxes: float
@@ -174,21 +218,57 @@ class SetCriterion(nn.Module):
             f"loss_giou{suffix}": giou,
         }
 
+    def one_to_many_losses(self, out: dict, targets, suffix: str) -> dict[str, torch.Tensor]:
+        """PaQ-DETR's quality-aware one-to-many losses on one layer's outputs: varifocal
+        classification with each positive's IoU as its target (at its ground truth's column;
+        none for a ground truth without one), L1 and GIoU on the positives, all over the
+        positives' count averaged across ranks. Collective (that average)."""
+        logits, boxes, o2m = out["pred_logits"], out["pred_boxes"], self.one_to_many
+        matches, b_idx, q_idx, c_idx, quality = [], [], [], [], []
+        for b, t in enumerate(targets):
+            labels = t["labels"].to(logits.device)
+            if labels.numel() == 0:
+                empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
+                matches.append((empty, empty))
+                continue
+            s, iou = quality_scores(
+                logits[b], boxes[b], labels, t["boxes"].to(logits.device), o2m.gamma
+            )
+            pred, gt, _ = assign_one_to_many(s, o2m.topk, o2m.min_positives)
+            matches.append((pred, gt))
+            keep = labels[gt] >= 0
+            b_idx.append(torch.full_like(pred[keep], b))
+            q_idx.append(pred[keep])
+            c_idx.append(labels[gt][keep])
+            quality.append(iou[pred, gt][keep])
+        num_pos = mean_across_ranks(sum(len(p) for p, _ in matches), logits.device)
+        zeros = torch.zeros((), dtype=logits.dtype, device=logits.device).expand_as(logits)
+        cls = varifocal_loss(logits, zeros, o2m.vfl_alpha, o2m.vfl_gamma).sum()
+        if b_idx and torch.cat(b_idx).numel():
+            b_all, q_all, c_all = torch.cat(b_idx), torch.cat(q_idx), torch.cat(c_idx)
+            picked = logits[b_all, q_all, c_all]
+            target = torch.cat(quality).to(picked.dtype)
+            cls = (
+                cls
+                + (
+                    varifocal_loss(picked, target, o2m.vfl_alpha, o2m.vfl_gamma)
+                    - varifocal_loss(picked, torch.zeros_like(picked), o2m.vfl_alpha, o2m.vfl_gamma)
+                ).sum()
+            )
+        l1, giou = self.box_losses(boxes, matches, targets, num_pos)
+        return {
+            f"loss_ce{suffix}": cls / num_pos,
+            f"loss_bbox{suffix}": l1,
+            f"loss_giou{suffix}": giou,
+        }
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """Unweighted loss terms; `weighted_sum` combines them. Targets' labels are category ids;
         `category_ids` is [C] (every image's columns) or [B, C'] (CQ-DINO's selected slots, -1
         for a ground truth whose category was not selected)."""
         cats = outputs["category_ids"]
         raw_targets = targets
-        targets = [
-            {
-                **t,
-                "labels": label_columns(t["labels"].to(cats.device), cats)
-                if cats.dim() == 1
-                else slot_of(t["labels"].to(cats.device), cats[b]),
-            }
-            for b, t in enumerate(targets)
-        ]
+        targets = column_targets(outputs, targets)
         num_boxes = num_boxes_across_ranks(targets, cats.device)
         final_matches = self.matcher(outputs, targets)
         losses = self.layer_losses(outputs, targets, final_matches, num_boxes, "")
@@ -200,6 +280,10 @@ class SetCriterion(nn.Module):
             losses.update(
                 self.layer_losses(aux, targets, self.matcher(aux, targets), num_boxes, f"_{i}")
             )
+            if self.one_to_many is not None:  # PaQ-DETR: intermediate layers only
+                losses.update(self.one_to_many_losses(aux, targets, f"_o2m_{i}"))
+        if "patterns" in outputs:  # PaQ-DETR's eq. 8, weighted by beta
+            losses["loss_div"] = pattern_diversity(outputs["patterns"])
         enc = outputs["enc_outputs"]
         losses.update(
             self.layer_losses(enc, targets, self.matcher(enc, targets), num_boxes, "_enc")

@@ -163,6 +163,9 @@ class DeformableDetector(nn.Module):
             "aux_outputs": layers[:-1],
             "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": out["enc_boxes"]},
         }
+        if "pattern_weights" in out:  # PaQ-DETR: W^D [B, n, m] and the bank Q^P [m, d]
+            result["pattern_weights"] = out["pattern_weights"]
+            result["patterns"] = out["patterns"]
         if dn is not None:
             result["dn_outputs"] = [
                 {"pred_logits": lg[:, :pad], "pred_boxes": bx[:, :pad]}

@@ -16,7 +16,8 @@ class PostProcess:
     @torch.no_grad()
     def __call__(self, outputs: dict, orig_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """orig_sizes [B, 2] as (h, w). Per image: `scores` [k], `labels` (category ids) [k],
-        `boxes` [k, 4] xyxy in original pixels, best first."""
+        `boxes` [k, 4] xyxy in original pixels, `queries` [k] (the query each came from), best
+        first."""
         logits, boxes, cats = outputs["pred_logits"], outputs["pred_boxes"], outputs["category_ids"]
         b, q, c = logits.shape
         k = min(self.max_detections, q * c)
@@ -28,7 +29,12 @@ class PostProcess:
         xyxy = cxcywh_to_xyxy(picked) * scale
         per_image = cats if cats.dim() == 2 else cats[None].expand(b, -1)  # CQ-DINO: [B, C']
         return [
-            {"scores": scores[i], "labels": per_image[i][column[i]], "boxes": xyxy[i]}
+            {
+                "scores": scores[i],
+                "labels": per_image[i][column[i]],
+                "boxes": xyxy[i],
+                "queries": query[i],
+            }
             for i in range(b)
         ]
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vastdet.models.deformable_attention import MSDeformAttn
+from vastdet.models.patterns import PatternQueries
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -238,6 +239,9 @@ class DeformableTransformer(nn.Module):
         fusion_heads: int = 4,
         fusion_dropout: float = 0.1,
         fusion_category_layers: bool = False,
+        num_patterns: int = 0,
+        pattern_hidden: int = 32,
+        pattern_dilation: int = 2,
     ):
         super().__init__()
         self.d_model, self.levels, self.num_queries = d_model, levels, num_queries
@@ -270,7 +274,12 @@ class DeformableTransformer(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(levels, d_model).normal_())
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
-        self.content_queries = nn.Embedding(num_queries, d_model)
+        if num_patterns > 0:  # PaQ-DETR: content queries mixed from shared patterns per image
+            self.content_queries = PatternQueries(
+                d_model, levels, num_queries, num_patterns, pattern_hidden, pattern_dilation
+            )
+        else:  # DINO: static learned content queries
+            self.content_queries = nn.Embedding(num_queries, d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
 
     # ---------------------------------------------------------------- encoder
@@ -374,9 +383,18 @@ class DeformableTransformer(nn.Module):
         picked_anchor = torch.gather(anchor_logits, 1, top[..., None].expand(-1, -1, 4))
         enc_boxes = (enc_bbox_head(picked) + picked_anchor).sigmoid()
         refs = enc_boxes.detach()
-        # the embedding module is called (not its weight read): ZeRO-3 gathers on module calls
-        ids = torch.arange(k, device=memory.device)
-        tgt = self.content_queries(ids)[None].expand(memory.shape[0], -1, -1)
+        extra = {}
+        if isinstance(self.content_queries, PatternQueries):
+            maps, start = [], 0
+            for h, w in shapes.tolist():
+                level = memory[:, start : start + h * w].transpose(1, 2)
+                maps.append(level.reshape(memory.shape[0], self.d_model, h, w))
+                start += h * w
+            tgt, weights, patterns = self.content_queries(maps, masks, k)
+            extra = {"pattern_weights": weights, "patterns": patterns}
+        else:  # the embedding module is called, not read: ZeRO-3 gathers on module calls
+            ids = torch.arange(k, device=memory.device)
+            tgt = self.content_queries(ids)[None].expand(memory.shape[0], -1, -1)
         if dn_queries is not None:
             tgt = torch.cat([dn_queries, tgt], 1)
             refs = torch.cat([dn_refs, refs], 1)
@@ -392,6 +410,7 @@ class DeformableTransformer(nn.Module):
             "memory": memory,
             "memory_mask": mask,
             "spatial_shapes": shapes,
+            **extra,
         }
 
     def decode(self, tgt, refs, memory, shapes, mask, ratios, bbox_heads, attn_mask, cats=None):
