@@ -16,16 +16,13 @@ import argparse
 import json
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from pipelines.shards import ShardSet
+from vastdet.evaluation.baseline import random_baseline as baseline_metrics
 from vastdet.evaluation.coco import STAT_NAMES
-from vastdet.evaluation.runner import score
 
 
 def run(args: list[str]) -> float:
@@ -33,48 +30,6 @@ def run(args: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vastdet.cli", *args], check=True)
     return time.perf_counter() - start
-
-
-def shard_ground_truth(shards: ShardSet) -> tuple[list[dict], list[dict]]:
-    """(images, annotations) from the shards' json members, without decoding pixels."""
-    images, annotations = [], []
-    for url in shards.urls:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    images.append(
-                        {"id": meta["image_id"], "height": meta["height"], "width": meta["width"]}
-                    )
-                    annotations.extend(
-                        {**a, "image_id": meta["image_id"]} for a in meta["annotations"]
-                    )
-    return images, annotations
-
-
-def random_boxes(images, train: ShardSet, per_image: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    hist = train.manifest["category_instances"]
-    cats = np.array([int(c) for c in hist])
-    p = np.array([hist[c] for c in hist], dtype=float)
-    p /= p.sum()
-    results = []
-    for img in images:
-        short = min(img["width"], img["height"])
-        sides = rng.uniform(0.08 * short, 0.6 * short, size=(per_image, 2))
-        x = rng.uniform(0, img["width"] - sides[:, 0])
-        y = rng.uniform(0, img["height"] - sides[:, 1])
-        for k, cat in enumerate(rng.choice(cats, size=per_image, p=p)):
-            box = [float(x[k]), float(y[k]), float(sides[k, 0]), float(sides[k, 1])]
-            results.append(
-                {
-                    "image_id": img["id"],
-                    "category_id": int(cat),
-                    "bbox": box,
-                    "score": float(rng.random()),
-                }
-            )
-    return results
 
 
 def prepare(work: Path, under: str, train: int, val: int) -> tuple[Path, Path]:
@@ -144,11 +99,15 @@ def evaluate_run(run_dir: Path, data: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def random_baseline(tax: Path, data: Path) -> dict:
-    val = ShardSet.open(data / "shards" / "val")
-    images, annotations = shard_ground_truth(val)
-    results = random_boxes(images, ShardSet.open(data / "shards" / "train"), 100, 0)
-    return score(results, images, annotations, _category_ids(tax))
+def random_baseline(tax: Path, data: Path, levels: tuple[int, ...] = ()) -> dict:
+    """The random-box baseline (`vastdet.evaluation.baseline`) on the val shards."""
+    from taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(tax)
+    return baseline_metrics(
+        data / "shards" / "val", data / "shards" / "train", taxonomy.category_ids().tolist(),
+        taxonomy, levels,
+    )  # fmt: skip
 
 
 def main() -> None:

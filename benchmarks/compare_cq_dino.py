@@ -24,12 +24,10 @@ from pathlib import Path
 
 from bench_end_to_end import evaluate_run, prepare, random_baseline, run, train_config
 
+from vastdet.engine.metrics import training_rows
+
 BATCH, LR = 4, 4e-4
 LOW = [{"pattern": r"^(backbone|category_queries|selector)\.", "lr_mult": 0.01}]
-
-
-def metrics_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def seconds_per_step(work: Path, name: str, model, tax: Path, data: Path) -> float:
@@ -41,12 +39,12 @@ def seconds_per_step(work: Path, name: str, model, tax: Path, data: Path) -> flo
             str(train_config(work, f"calib_{name}", model, tax, data, 15, BATCH, LR)),
         ]
     )
-    last = metrics_lines(work / f"calib_{name}")[-1]
+    last = training_rows(work / f"calib_{name}")[-1]
     return BATCH / last["images_per_s"]
 
 
 def last_diagnostics(run_dir: Path) -> dict:
-    lines = [m for m in metrics_lines(run_dir) if "diag_rho" in m][-5:]
+    lines = [m for m in training_rows(run_dir) if "diag_rho" in m][-5:]
     if not lines:
         return {}
     return {k: sum(m[k] for m in lines) / len(lines) for k in ("diag_rho", "diag_eta")}

@@ -48,6 +48,9 @@ PREFETCH_ITEMS = 2  # items each worker keeps ready (DataLoader's prefetch_facto
 # Unusable samples in a row before a training stream gives up: far more than a real dataset's
 # scattered corrupt files, reached within seconds when every sample is bad.
 MAX_BAD_IN_A_ROW = 200
+# Niceness added to loader workers: the trainer's intra-op threads keep the cores they were
+# sized for (`vastdet.engine.threads`), the workers take what is left.
+WORKER_NICE = 10
 
 
 @dataclass
@@ -470,11 +473,24 @@ def _unwrapped(loader) -> Iterator:
         raise UnusableDataError(str(err).rsplit("UnusableDataError: ", 1)[-1].strip()) from None
 
 
-def _data_loader(pipeline, num_workers: int):
+class _Niceness:
+    """A loader worker's start: raise its scheduling niceness, so that it decodes in the cycles
+    the trainer leaves rather than taking cores from the trainer's threads (picklable)."""
+
+    def __init__(self, increment: int):
+        self.increment = increment
+
+    def __call__(self, worker: int) -> None:
+        if self.increment > 0 and hasattr(os, "nice"):
+            os.nice(self.increment)
+
+
+def _data_loader(pipeline, num_workers: int, worker_nice: int = WORKER_NICE):
     """A DataLoader over the stream. It gets a generator of its own: by default each iterator
     draws its workers' base seed from torch's global RNG, which would shift the model's random
     stream (denoising noise) whenever a loader starts, and a resumed run would diverge. The
-    workers seed themselves from (seed, epoch, rank, worker) instead."""
+    workers seed themselves from (seed, epoch, rank, worker) instead. Workers run one thread
+    each (the DataLoader's default) at niceness + `worker_nice`."""
     return torch.utils.data.DataLoader(
         pipeline,
         batch_size=None,
@@ -482,6 +498,7 @@ def _data_loader(pipeline, num_workers: int):
         persistent_workers=False,
         prefetch_factor=PREFETCH_ITEMS if num_workers else None,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_Niceness(worker_nice) if num_workers else None,
     )
 
 
@@ -500,6 +517,7 @@ def train_loader(
     group_by_aspect: bool = True,
     categories: Iterable[int] | None = None,
     max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
+    worker_nice: int = WORKER_NICE,
 ) -> _Loader:
     """Exactly `batches_per_epoch` batches on every rank, from resampled shards.
 
@@ -542,7 +560,7 @@ def train_loader(
         stages.decode,
         lambda samples: stages.batches(samples, batch_size, False, group_by_aspect),
     )
-    return _Loader(_data_loader(pipeline, num_workers), stages, batches_per_epoch)
+    return _Loader(_data_loader(pipeline, num_workers, worker_nice), stages, batches_per_epoch)
 
 
 def deal_shards(samples_per_shard: Sequence[int], world_size: int) -> list[list[int]]:

@@ -21,6 +21,7 @@ from PIL import Image
 from pipelines.shards import write_shards
 from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records
 from taxonomy import Node, Taxonomy, save_taxonomy
+from vastdet.engine.metrics import evaluation_rows, training_rows
 from vastdet.evaluation.predict import DRAW_MIN_SIDE, category_names, clip_xywh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,13 +121,11 @@ def launch(args: list[str], world: int) -> list[str]:
 
 
 def run(config_path: Path, world: int = 1) -> list[dict]:
-    """Run `python -m vastdet.engine.train` as `world` ranks; returns the metrics lines."""
+    """Run `python -m vastdet.engine.train` as `world` ranks; returns the training rows of its
+    metrics.jsonl."""
     launch(["vastdet.engine.train", "--config", str(config_path)], world)
     cfg = yaml.safe_load(config_path.read_text())
-    return [
-        json.loads(line)
-        for line in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()
-    ]
+    return training_rows(cfg["output_dir"])
 
 
 def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
@@ -316,7 +315,7 @@ def test_cq_dino_two_stages_hand_over_and_train_under_zero3(dataset, tmp_path):
         ),
         world=2,
     )
-    first = json.loads((stage1 / "metrics.jsonl").read_text().splitlines()[-1])
+    first = training_rows(stage1)[-1]
     assert set(first) >= {"loss", "loss_sel"} and "loss_bbox" not in first
     assert len(metrics) == 6 and all(m["loss"] == m["loss"] for m in metrics)
     assert {"loss_sel", "loss_ce", "loss_bbox"} <= set(metrics[-1])
@@ -330,8 +329,8 @@ def test_a_single_process_run_opens_no_port_on_every_interface():
     it listens on is bound to a wildcard address."""
     code = (
         "import json, psutil, torch\n"
-        "from vastdet.engine.train import _prepare_deepspeed, init_distributed\n"
-        "print(init_distributed(_prepare_deepspeed()))\n"
+        "from vastdet.engine.distributed import init_distributed, prepare_deepspeed\n"
+        "print(init_distributed(prepare_deepspeed()))\n"
         "torch.distributed.all_reduce(torch.ones(1))\n"
         "print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections('inet')"
         " if c.status == 'LISTEN']))\n"
@@ -370,3 +369,81 @@ def test_the_v3det_recipe_presets_load_with_a_users_data(tmp_path):
     first = load_train_config(str(stage1))
     assert first.model.architecture == "cq_selector" and first.optim.param_groups == []
     assert first.steps == 114380 and first.data.transforms.scales[-1] == 800
+
+
+@pytest.mark.parametrize("stage, model", [(2, "paq_dino_tiny"), (3, "paq_cq_dino_tiny")])
+def test_paq_models_train_on_two_ranks_under_zero(dataset, tmp_path, stage, model):
+    """PaQ-DINO (ZeRO-2) and PaQ-CQ-DINO (ZeRO-3): pattern queries and one-to-many losses on
+    two ranks whose single-image batches are often empty (about half the images have no
+    object), so every parameter must take part on every rank."""
+    out = tmp_path / f"paq{stage}"
+    metrics = run(
+        config(dataset, out, evaluate=True, model=model, zero_stage=stage, steps=6),
+        world=2,
+    )
+    assert len(metrics) == 6 and all(m["loss"] == m["loss"] for m in metrics)
+    assert all("loss_o2m" in m and "loss_div" in m for m in metrics)
+    evaluation = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluation["images"] == 5 and 0 <= evaluation["query_gini"] <= 29 / 30
+    from vastdet.cli import main
+
+    figures = tmp_path / "figures"
+    args = ["patterns", str(out), "--shards", str(dataset / "val"), "-o", str(figures)]
+    assert main([*args, "--iou", "0", "--score", "0", "--categories", "2,3"]) == 0
+    drawn = sorted(p.name for p in figures.glob("*.png"))
+    assert drawn == [
+        "patterns_category_2.png",
+        "patterns_category_3.png",
+        "patterns_images_map.png",
+    ]
+    assert all((figures / name).stat().st_size > 5000 for name in drawn)
+
+
+def test_evaluation_every_few_steps_lands_in_the_metrics_and_the_plots(dataset, tmp_path):
+    out = tmp_path / "curve"
+    rows = run(config(dataset, out, evaluate=True, steps=6, checkpoint_every=6, eval_every=2))
+    assert [m["step"] for m in rows] == list(range(1, 7))
+    evaluations = evaluation_rows(out)
+    assert [e["step"] for e in evaluations] == [2, 4, 6]
+    assert all(0 <= e["val_AP"] <= 1 and e["val_images"] == 5 for e in evaluations)
+    final = json.loads((out / "eval" / "metrics.json").read_text())
+    assert final["AP"] == evaluations[-1]["val_AP"]
+    from vastdet.cli import main
+
+    assert main(["plot", str(out)]) == 0
+    assert (out / "plots" / "validation_ap.png").stat().st_size > 5000
+    # AP by hierarchy depth (0: every kind counts as `thing`) and by training frequency
+    args = ["eval", str(out), "--shards", str(dataset / "val"), "-o", str(tmp_path / "lv")]
+    assert main([*args, "--levels", "0,1", "--batch-size", "1", "--workers", "1"]) == 0
+    levels = json.loads((tmp_path / "lv" / "metrics.json").read_text())
+    assert levels["AP_level1"] == pytest.approx(levels["AP"], abs=1e-9)  # depth 1 = the leaves
+    assert 0 <= levels["AP_level0"] <= 1 and "APr" in levels
+    assert (tmp_path / "lv" / "ap_by_level.png").stat().st_size > 5000
+    # TensorBoard's event files beside metrics.jsonl hold the same numbers and a few drawings
+    events = tensorboard_events(out)
+    assert {("train/loss", s) for s in range(1, 7)} <= set(events["scalars"])
+    assert events["scalars"][("val/AP", 6)] == pytest.approx(final["AP"], abs=1e-6)
+    assert {("val/detections/0", s) for s in (2, 4, 6)} <= events["images"]
+
+
+def tensorboard_events(run_dir: Path) -> dict:
+    """{"scalars": {(tag, step): value}, "images": {(tag, step)}} from a run's event files
+    (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars, images = {}, set()
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images.add((value.tag, event.step))
+                else:
+                    scalars[(value.tag, event.step)] = value.simple_value
+    return {"scalars": scalars, "images": images}

@@ -74,3 +74,55 @@ def test_refused_inputs_name_the_problem():
         score([], IMAGES, ANNS, [7, 8], protocol="v3det")
     with pytest.raises(ValueError, match="not in the ground truth"):
         score([detection({**ANNS[0], "image_id": 99})], IMAGES, ANNS, [7, 8])
+
+
+def test_ap_by_hierarchy_level_maps_both_sides_to_their_ancestor():
+    """A dog detected on a kitten is wrong at the leaves and at depth 1 (cat vs dog), right at
+    depth 0 (both animals)."""
+    from taxonomy import Node, Taxonomy
+    from vastdet.evaluation.slices import level_map
+
+    tax = Taxonomy(
+        [
+            Node("root", "thing"),
+            Node("a", "animal", ("root",), 1),
+            Node("c", "cat", ("a",), 2),
+            Node("k", "kitten", ("c",), 3),
+            Node("d", "dog", ("a",), 4),
+            Node("v", "vehicle", ("root",), 5),
+            Node("car", "car", ("v",), 6),
+        ]
+    )
+    assert level_map(tax, 0) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 5, 6: 5}
+    assert level_map(tax, 1) == {1: 1, 2: 2, 3: 2, 4: 4, 5: 5, 6: 6}
+    images = [{"id": 1, "height": 100, "width": 100}]
+    anns = [{"image_id": 1, "bbox": [10.0, 10.0, 40.0, 40.0], "category_id": 3}]
+    results = [{"image_id": 1, "category_id": 4, "bbox": [10.0, 10.0, 40.0, 40.0], "score": 0.9}]
+    metrics = score(results, images, anns, [1, 2, 3, 4, 5, 6], taxonomy=tax, levels=[0, 1, 2])
+    assert metrics["AP"] == 0.0 and metrics["AP_level2"] == 0.0 and metrics["AP_level1"] == 0.0
+    assert metrics["AP_level0"] == pytest.approx(1.0) and metrics["AP50_level0"] == pytest.approx(
+        1.0
+    )
+
+
+def test_a_category_with_two_parents_takes_its_primary_ancestor(vehicles):
+    from vastdet.evaluation.slices import level_map
+
+    assert level_map(vehicles, 1)[5] == 2  # amphibious car: car before boat
+    assert level_map(vehicles, 0) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 7: 7, 8: 7}
+
+
+def test_ap_by_frequency_bins_categories_by_training_images():
+    from vastdet.evaluation.slices import frequency_groups
+
+    counts = {2: 5, 3: 50, 4: 500, 7: 0}
+    assert frequency_groups(counts) == {"r": {2}, "c": {3}, "f": {4}}
+    images = [{"id": 1, "height": 100, "width": 100}]
+    anns = [
+        {"image_id": 1, "bbox": [10.0, 10.0, 30.0, 30.0], "category_id": 2},
+        {"image_id": 1, "bbox": [50.0, 50.0, 30.0, 30.0], "category_id": 3},
+    ]
+    results = [{"image_id": 1, "category_id": 2, "bbox": [10.0, 10.0, 30.0, 30.0], "score": 0.8}]
+    metrics = score(results, images, anns, [2, 3, 4, 7], category_images=counts)
+    assert metrics["APr"] == pytest.approx(1.0) and metrics["APc"] == 0.0
+    assert metrics["APf"] == -1.0  # no frequent category has a ground truth here

@@ -1,4 +1,4 @@
-"""`vastdet train`, `vastdet export`, `vastdet plot`, `vastdet eval`, `vastdet predict`."""
+"""`vastdet train`, `export`, `plot`, `eval`, `predict` and `patterns`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ def add_commands(subparsers) -> None:
     evaluate.add_argument("--batch-size", type=int, default=2)
     evaluate.add_argument("--workers", type=int, default=2)
     evaluate.add_argument(
+        "--levels",
+        type=lambda text: [int(d) for d in text.split(",")],
+        default=[],
+        help="hierarchy depths to also score AP at, comma-separated (e.g. 2,4,6)",
+    )
+    evaluate.add_argument(
+        "--train-shards", help="training manifest for APr/APc/APf (default: the run's)"
+    )
+    evaluate.add_argument(
         "--allow-partial",
         action="store_true",
         help="score even if fewer images were read than the shards list (default: fail)",
@@ -51,6 +60,21 @@ def add_commands(subparsers) -> None:
     predict.add_argument("--categories", help="category file for names (default: the run's)")
     predict.add_argument("--batch-size", type=int, default=2)
     predict.set_defaults(handler=_predict)
+    patterns = subparsers.add_parser(
+        "patterns", help="PaQ-DETR: figures of the dynamic pattern weights W^D (Fig. 5 and 6)"
+    )
+    patterns.add_argument("model", type=Path, help="an exported model file or a run folder")
+    patterns.add_argument("--shards", required=True, help="val shard folder or manifest")
+    patterns.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNGs")
+    patterns.add_argument(
+        "--categories",
+        type=lambda text: [int(c) for c in text.split(",")],
+        help="category ids to draw, comma-separated (default: the 3 most frequent)",
+    )
+    patterns.add_argument("--iou", type=float, default=0.7, help="a success's IoU (paper: 0.7)")
+    patterns.add_argument("--score", type=float, default=0.5, help="and score (paper: 0.5)")
+    patterns.add_argument("--limit", type=int, help="at most this many images")
+    patterns.set_defaults(handler=_patterns)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -80,8 +104,10 @@ def _plot(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vastdet.evaluation.runner import EvalConfig, format_metrics, run_eval
 
-    cfg = EvalConfig(args.protocol, args.batch_size, args.workers, args.allow_partial)
-    metrics = run_eval(args.model, args.shards, args.output, cfg, args.categories)
+    cfg = EvalConfig(args.protocol, args.batch_size, args.workers, args.allow_partial, args.levels)
+    metrics = run_eval(
+        args.model, args.shards, args.output, cfg, args.categories, args.train_shards
+    )
     if metrics is not None:
         print(format_metrics(metrics))
         print(f"results in {args.output}")
@@ -103,4 +129,15 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"{len(results)} detections in {len(args.images)} images written to {args.output}")
     if args.draw:
         print(f"{drawn} detections scored >= {args.threshold} and are drawn in {args.draw}")
+    return 0
+
+
+def _patterns(args: argparse.Namespace) -> int:
+    from vastdet.evaluation.pattern_maps import run_pattern_maps
+
+    for path in run_pattern_maps(
+        args.model, args.shards, args.output, args.categories, args.iou, args.score,
+        limit=args.limit,
+    ):  # fmt: skip
+        print(path)
     return 0

@@ -49,6 +49,7 @@ class DataConfig:
     shuffle_buffer: int = at_least(1, 1000)
     repeat_threshold: float | None = at_least(0.0, 1e-3)
     group_by_aspect: bool = True  # landscape and portrait images in separate batches
+    worker_nice: int = at_least(0, 10)  # loader workers' added niceness (0: the trainer's)
     transforms: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -68,7 +69,10 @@ class TrainConfig:
     keep_checkpoints: int = at_least(0, 2)  # 0 keeps every checkpoint
     log_every: int = at_least(1, 10)
     max_nonfinite: int = at_least(0, 5)  # consecutive non-finite losses before the run stops
+    threads: int | None = at_least(1, None)  # intra-op threads; None: this process's share
     eval: EvalConfig = field(default_factory=EvalConfig)  # run at the end when data.val_shards
+    eval_every: int = at_least(0, 0)  # also evaluate every this many steps (0: at the end only)
+    eval_at_end: bool = True  # evaluate the final model (a pipeline's own eval step turns it off)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from vastdet.engine.metrics import read_metrics
+
 CHARTS = {
-    "losses.png": ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_dn", "loss_enc"),
+    "losses.png": (
+        "loss",
+        "loss_ce",
+        "loss_bbox",
+        "loss_giou",
+        "loss_dn",
+        "loss_enc",
+        "loss_o2m",
+        "loss_sel",
+        "loss_div",
+    ),
     "learning_rate.png": ("lr",),
+    "validation_ap.png": ("val_AP", "val_AP50", "val_AP75", "val_AR_C", "val_query_gini"),
     "throughput.png": ("images_per_s",),
-    "data_wait.png": ("data_wait_s",),
+    "data_wait.png": ("data_wait_share",),
 }
 
 
@@ -22,8 +34,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     import matplotlib.pyplot as plt
 
     run = Path(run_dir)
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = read_metrics(run)
     if not records:
         raise ValueError(f"{run / 'metrics.jsonl'} has no records yet")
     out = Path(out_dir or run / "plots")

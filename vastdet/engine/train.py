@@ -15,46 +15,24 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vastdet.engine import checkpoints
 from vastdet.engine.config import OptimConfig, TrainConfig, load_train_config
+from vastdet.engine.distributed import init_distributed, prepare_deepspeed
+from vastdet.engine.metrics import RunLog
 from vastdet.engine.partitions import DataOnlyCheckpointEngine
+from vastdet.engine.threads import set_threads
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss."""
-
-
-def _prepare_deepspeed():
-    """Import DeepSpeed for this machine: the CPU accelerator when there is no GPU, and no JIT
-    build of the shared-memory communication op (gloo does the work)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
-
-
-def init_distributed(deepspeed) -> tuple[int, int]:
-    """Join the process group the environment describes. A plain single process (no
-    WORLD_SIZE) makes a world of one over an in-memory store: it opens no rendezvous port."""
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-            store = torch.distributed.HashStore()
-            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -110,34 +88,18 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
 def _categories(cfg: TrainConfig, shards):
     """The taxonomy whose category ids the model classifies (data.categories, else the file the
     shards' manifest names)."""
+    from pipelines.sources import is_url, local_copy
     from taxonomy import load_taxonomy
 
     source = cfg.data.categories or shards.categories_file
+    if source and is_url(source):
+        source = local_copy(source)
     if not source or not Path(source).is_file():
         raise FileNotFoundError(
             f"no category file: set data.categories (the shards' manifest names "
             f"{os.fspath(source) if source else 'none'})"
         )
     return load_taxonomy(source)
-
-
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Keep only the metrics lines up to `step` (a resumed run logs the steps after its
-    checkpoint again) and drop a line cut short by a kill."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            kept.append(line)
-    from taxonomy.files import atomic_output
-
-    with atomic_output(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def _to_device(batch, device):
@@ -158,26 +120,36 @@ def _gathered_rng_states() -> list[torch.Tensor]:
     return states
 
 
-LOGGED_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_dn", "loss_enc", "loss_sel")
+LOGGED_TERMS = (
+    "loss",
+    "loss_ce",
+    "loss_bbox",
+    "loss_giou",
+    "loss_dn",
+    "loss_enc",
+    "loss_o2m",
+    "loss_sel",
+    "loss_div",
+)
 DIAGNOSTICS = ("diag_rho", "diag_eta")
 
 
 def _logged_losses(
     loss: torch.Tensor, losses: dict[str, torch.Tensor], criterion
 ) -> dict[str, float]:
-    """The total, the final layer's terms, the weighted sums of the denoising and encoder
-    families, averaged over ranks (every rank calls this at the same steps), and the gradient
+    """The total, the final layer's terms, the weighted sums of the denoising, encoder and
+    one-to-many families, averaged over ranks (every rank calls this at the same steps), and the gradient
     diagnostics averaged over the ranks where they are defined (an image set with no labelled
     match has none)."""
     values = {"loss": loss.detach()}
     values.update(
         {
             k: losses[k].detach()
-            for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_sel")
+            for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_sel", "loss_div")
             if k in losses
         }
     )
-    for family, marker in (("loss_dn", "_dn_"), ("loss_enc", "_enc")):
+    for family, marker in (("loss_dn", "_dn_"), ("loss_enc", "_enc"), ("loss_o2m", "_o2m_")):
         part = {k: v.detach() for k, v in losses.items() if marker in k}
         if part:
             values[family] = criterion.weighted_sum(part)
@@ -199,13 +171,25 @@ def _logged_losses(
     return out
 
 
-def train(config: TrainConfig | str) -> dict:
+@dataclass
+class TrainHooks:
+    """What a launcher may add to a run (Ray Train reports through these). Every rank calls each
+    hook at the same points, so a hook may be collective."""
+
+    on_log: Callable[[dict], None] | None = None  # a logged training row (losses over ranks)
+    on_checkpoint: Callable[[Path, int, dict], None] | None = None  # a complete checkpoint
+    # folder (on this rank's disk), its step and the training row logged at it, if any
+
+
+def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
     """Train; resumes from the newest complete checkpoint in `output_dir/checkpoints`.
 
     Returns a summary: the final step, the last logged losses, skipped steps and samples."""
+    hooks = hooks or TrainHooks()
     cfg = load_train_config(config) if isinstance(config, (str, os.PathLike)) else config
-    deepspeed = _prepare_deepspeed()
+    deepspeed = prepare_deepspeed()
     rank, world = init_distributed(deepspeed)
+    set_threads(cfg.threads)
     from pipelines.loader import train_loader
     from pipelines.shards import ShardSet
     from pipelines.transforms import build_transforms
@@ -224,7 +208,7 @@ def train(config: TrainConfig | str) -> dict:
         weights_follow=resuming or bool(cfg.model.init_from),
     )
     if cfg.model.init_from and not resuming:
-        from vastdet.engine.export import load_weights_from
+        from vastdet.engine.loading import load_weights_from
 
         count = load_weights_from(model, cfg.model.init_from)
         log.info("initialised %d tensors from %s", count, cfg.model.init_from)
@@ -246,9 +230,8 @@ def train(config: TrainConfig | str) -> dict:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
-    if rank == 0:
-        drop_metrics_after(out_dir / "metrics.jsonl", step)
-    metrics = (out_dir / "metrics.jsonl").open("a") if rank == 0 else None
+    run_log = RunLog(out_dir, step, enabled=rank == 0)
+    names = taxonomy.category_names()
     known = taxonomy.category_ids().tolist()  # samples with other category ids are skipped
     transforms = build_transforms(cfg.data.transforms, train=True)
     nonfinite = skipped_steps = 0
@@ -270,14 +253,15 @@ def train(config: TrainConfig | str) -> dict:
             num_workers=cfg.data.num_workers,
             group_by_aspect=cfg.data.group_by_aspect,
             categories=known,
+            worker_nice=cfg.data.worker_nice,
         )
         wait_start, tick = time.perf_counter(), time.perf_counter()
-        images_seen = 0
+        images_seen, waited = 0, 0.0
         for index, batch in enumerate(loader):
             if index < consumed:  # resuming inside an epoch: the stream is replayed up to here
                 wait_start = time.perf_counter()
                 continue
-            data_wait = time.perf_counter() - wait_start
+            waited += time.perf_counter() - wait_start
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg.optim)
             images, masks, targets = _to_device(batch, engine.device)
@@ -316,15 +300,15 @@ def train(config: TrainConfig | str) -> dict:
                         **_logged_losses(loss, losses, criterion),
                         "lr": cfg.optim.lr * lr_factor(step - 1, cfg.optim),
                         "images_per_s": images_seen * world / max(elapsed, 1e-9),
-                        "data_wait_s": data_wait,
+                        "data_wait_share": waited / max(elapsed, 1e-9),  # of the wall time
                         "skipped_samples": sum(loader.skipped().values()),
                         "skipped": loader.skipped(),  # this rank's, by kind, this epoch
                         "skipped_steps": skipped_steps,
                     }
-                    if metrics:
-                        metrics.write(json.dumps(last) + "\n")
-                        metrics.flush()
-                    tick, images_seen = time.perf_counter(), 0
+                    run_log.training(last)
+                    if hooks.on_log is not None:
+                        hooks.on_log(last)
+                    tick, images_seen, waited = time.perf_counter(), 0, 0.0
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     state = {
                         "step": step,
@@ -333,16 +317,28 @@ def train(config: TrainConfig | str) -> dict:
                         "config": cfg.to_dict(),
                         "rng": _gathered_rng_states(),
                     }
-                    checkpoints.save(engine, ckpt_dir, step, state, cfg.keep_checkpoints)
+                    saved = checkpoints.save(engine, ckpt_dir, step, state, cfg.keep_checkpoints)
+                    if hooks.on_checkpoint is not None:
+                        hooks.on_checkpoint(saved, step, last if last.get("step") == step else {})
+                if cfg.data.val_shards and cfg.eval_every and step % cfg.eval_every == 0:
+                    if step < cfg.steps:  # the final step's evaluation follows the loop
+                        evaluation = _evaluate(engine, post, cfg, rank, criterion, step)
+                        if evaluation is not None:
+                            run_log.evaluation(step, *evaluation, cfg.data.val_shards, names)
+                        tick, images_seen, waited = time.perf_counter(), 0, 0.0
             if step >= cfg.steps:
                 break
             wait_start = time.perf_counter()
         if step < cfg.steps:
             epoch, consumed = epoch + 1, 0
     bar.close()
-    if metrics:
-        metrics.close()
-    evaluation = _evaluate(engine, post, cfg, rank) if cfg.data.val_shards else None
+    evaluation = None
+    if cfg.data.val_shards and cfg.eval_at_end:
+        out = _evaluate(engine, post, cfg, rank, criterion, step)
+        if out is not None:
+            run_log.evaluation(step, *out, cfg.data.val_shards, names)
+            evaluation = out[0]
+    run_log.close()
     return {
         "step": step,
         "last": last,
@@ -353,9 +349,12 @@ def train(config: TrainConfig | str) -> dict:
     }
 
 
-def _evaluate(engine, post, cfg: TrainConfig, rank: int) -> dict | None:
+def _evaluate(
+    engine, post, cfg: TrainConfig, rank: int, criterion, step: int
+) -> tuple[dict, list[dict]] | None:
     """The val shards through the engine itself (under ZeRO-3 each forward is collective);
-    rank 0 writes `eval/metrics.json` and `eval/results.json` and returns the metrics."""
+    rank 0 writes `eval/metrics.json` and `eval/results.json` and returns (metrics,
+    detections)."""
     from pipelines.shards import ShardSet
     from pipelines.transforms import build_transforms
     from vastdet.evaluation.runner import evaluate_model, find_taxonomy, format_metrics
@@ -373,13 +372,14 @@ def _evaluate(engine, post, cfg: TrainConfig, rank: int) -> dict | None:
         engine.device,
         taxonomy,
         Path(cfg.output_dir) / "eval",
+        getattr(criterion, "matcher", None),
+        ShardSet.open(cfg.data.train_shards).category_images(),
     )
     engine.train()
     if rank != 0 or out is None:
         return None
-    metrics = out[0]
-    log.info("evaluation at step %d:\n%s", cfg.steps, format_metrics(metrics))
-    return metrics
+    log.info("evaluation at step %d:\n%s", step, format_metrics(out[0]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

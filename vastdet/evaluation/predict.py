@@ -43,7 +43,7 @@ def predict_images(
     scoring >= draw_threshold (and how many those were; None without `draw_dir`). Category
     names come from `categories`, else the run's category file, else the one its training
     shards' manifest names."""
-    from vastdet.engine.export import load_model
+    from vastdet.engine.loading import load_model
     from vastdet.evaluation.runner import eval_transforms, write_json
 
     model, post, config = load_model(model_path)

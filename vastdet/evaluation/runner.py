@@ -13,10 +13,11 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vastdet.config import at_least
@@ -28,6 +29,7 @@ from vastdet.evaluation.coco import (
     novel_split,
     split_ap,
 )
+from vastdet.evaluation.slices import frequency_groups, level_map, relabel
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class EvalConfig:
     batch_size: int = at_least(1, 2)
     num_workers: int = at_least(0, 2)
     allow_partial: bool = False  # score even when fewer images were read than the shards hold
+    levels: list[int] = at_least(0, default_factory=list)  # hierarchy depths to score AP at
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -53,20 +56,44 @@ class EvalConfig:
         return PROTOCOLS[self.protocol]
 
 
+@dataclass
+class PassRecord:
+    """One rank's evaluation pass: COCO detections, image entries and ground-truth annotations,
+    [selected, present] (image, ground-truth category) pairs (CQ-DINO's AR^C; [0, 0] without
+    selection), and how often each query index's final-layer prediction was matched to a
+    ground truth (empty without a matcher)."""
+
+    results: list[dict] = field(default_factory=list)
+    images: list[dict] = field(default_factory=list)
+    annotations: list[dict] = field(default_factory=list)
+    recall: list[int] = field(default_factory=lambda: [0, 0])
+    query_uses: list[int] = field(default_factory=list)
+
+
+def gini(counts) -> float:
+    """Gini coefficient of non-negative counts: 0 when every entry is equal, (n - 1) / n when
+    one entry holds everything; 0 for no counts at all."""
+    x = np.sort(np.asarray(counts, dtype=np.float64))
+    n, total = x.size, x.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * total))
+
+
 @torch.no_grad()
 def predict_pass(
-    forward: Callable, loader, post, device: torch.device | str = "cpu"
-) -> tuple[list[dict], list[dict], list[dict], list[int]]:
-    """This rank's (detections, images, ground-truth annotations, [selected, present]) over an
-    evaluation loader.
+    forward: Callable, loader, post, device: torch.device | str = "cpu", matcher=None
+) -> PassRecord:
+    """This rank's `PassRecord` over an evaluation loader.
 
     Filler batches (`batch.empty`) are run through `forward` too, so that collective forwards
-    stay in step across ranks, and their outputs are dropped. The last item counts, over
-    (image, ground-truth category) pairs, how many categories the model's per-image selection
-    kept (CQ-DINO's AR^C), and stays [0, 0] for a model without selection. `post` None: no
-    detections (a stage-1 selector)."""
-    results, images, annotations = [], [], []
-    recall = [0, 0]
+    stay in step across ranks, and their outputs are dropped. `post` None: no detections (a
+    stage-1 selector). With `matcher` (the model's one-to-one matcher), each ground truth is
+    matched to a final-layer prediction and the query index counted: PaQ-DETR's measure of
+    query utilisation (its Table 6 Gini coefficient)."""
+    from vastdet.models.criterion import column_targets
+
+    record, uses = PassRecord(), None
     for batch in loader:
         outputs = forward(batch.images.to(device), batch.masks.to(device))
         if batch.empty:
@@ -74,17 +101,23 @@ def predict_pass(
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
         ids = [int(t["image_id"]) for t in batch.targets]
         if post is not None:
-            results.extend(post.coco_results(outputs, sizes, ids))
+            record.results.extend(post.coco_results(outputs, sizes, ids))
+        if matcher is not None and "pred_boxes" in outputs:
+            n = outputs["pred_logits"].shape[1]
+            uses = uses if uses is not None else torch.zeros(n, dtype=torch.int64)
+            for queries, _ in matcher(outputs, column_targets(outputs, batch.targets)):
+                uses += torch.bincount(queries, minlength=n)
         selected = outputs.get("category_ids")
         for b, (image_id, target) in enumerate(zip(ids, batch.targets)):
             height, width = (int(v) for v in target["orig_size"])
-            images.append({"id": image_id, "height": height, "width": width})
-            annotations.extend({**a, "image_id": image_id} for a in target["annotations"])
+            record.images.append({"id": image_id, "height": height, "width": width})
+            record.annotations.extend({**a, "image_id": image_id} for a in target["annotations"])
             if selected is not None and selected.dim() == 2:
                 present = {a["category_id"] for a in target["annotations"]}
-                recall[0] += len(present & set(selected[b].tolist()))
-                recall[1] += len(present)
-    return results, images, annotations, recall
+                record.recall[0] += len(present & set(selected[b].tolist()))
+                record.recall[1] += len(present)
+    record.query_uses = uses.tolist() if uses is not None else []
+    return record
 
 
 def gather_to_rank0(items: list) -> list | None:
@@ -135,17 +168,32 @@ def score(
     category_ids: Sequence[int],
     protocol: str = "coco",
     taxonomy=None,
+    levels: Sequence[int] = (),
+    category_images: Mapping[int, int] | None = None,
 ) -> dict[str, float]:
-    """The 12 COCO numbers (AP at the protocol's largest maxDet), plus base/novel AP when the
-    taxonomy marks novel categories."""
+    """The 12 COCO numbers (AP at the protocol's largest maxDet), base/novel AP when the
+    taxonomy marks novel categories, AP and AP50 at each hierarchy depth in `levels`
+    (`AP_level<d>`, `AP50_level<d>`; needs the taxonomy), and APr/APc/APf when the training
+    set's per-category image counts are given (`vastdet.evaluation.slices`)."""
     if protocol == "v3det" and taxonomy is None:
         raise ValueError("the v3det protocol needs the category hierarchy (a taxonomy file)")
+    if levels and taxonomy is None:
+        raise ValueError("AP by hierarchy level needs the category hierarchy (a taxonomy file)")
     gt = ground_truth(images, annotations, category_ids)
     descendants = category_descendants(taxonomy) if protocol == "v3det" else None
     evaluation = evaluate_boxes(gt, results, PROTOCOLS[protocol], descendants)
     metrics = dict(evaluation.stats)
     groups = novel_split(taxonomy) if taxonomy is not None else {}
     metrics.update({f"AP_{name}": v for name, v in split_ap(evaluation, groups).items()})
+    if category_images is not None:
+        bins = frequency_groups(category_images)
+        metrics.update({f"AP{name}": v for name, v in split_ap(evaluation, bins).items()})
+    for depth in levels:
+        mapping = level_map(taxonomy, depth)
+        coarse = sorted(set(mapping.values()))
+        level_gt = ground_truth(images, relabel(annotations, mapping), coarse)
+        stats = evaluate_boxes(level_gt, relabel(results, mapping), PROTOCOLS[protocol]).stats
+        metrics.update({f"AP_level{depth}": stats["AP"], f"AP50_level{depth}": stats["AP50"]})
     metrics.update(images=len(gt["images"]), detections=len(results))
     return metrics
 
@@ -160,10 +208,14 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     taxonomy=None,
     output_dir: str | os.PathLike | None = None,
+    matcher=None,
+    category_images: Mapping[int, int] | None = None,
 ) -> tuple[dict[str, float], list[dict]] | None:
     """(metrics, detections) on rank 0, None elsewhere; rank 0 also writes `metrics.json` and
     `results.json` to `output_dir` when given. Every rank must call this. The postprocessor
-    keeps at least the protocol's detections per image.
+    keeps at least the protocol's detections per image. With `matcher`, the metrics include
+    `query_gini`: the Gini coefficient of how often each query index is matched to a ground
+    truth over the whole set (`gini`).
 
     Samples that cannot be scored (corrupt images, bad boxes, category ids outside
     `category_ids`) are skipped and counted; the metrics record `images_expected` (the
@@ -177,11 +229,12 @@ def evaluate_model(
     loader = eval_loader(
         val_shards, cfg.batch_size, transforms, cfg.num_workers, categories=category_ids
     )
-    results, images, annotations, recall = predict_pass(forward, loader, post, device)
-    results = gather_to_rank0(results)
-    images = gather_to_rank0(images)
-    annotations = gather_to_rank0(annotations)
-    recall = gather_to_rank0([recall])
+    record = predict_pass(forward, loader, post, device, matcher)
+    results = gather_to_rank0(record.results)
+    images = gather_to_rank0(record.images)
+    annotations = gather_to_rank0(record.annotations)
+    recall = gather_to_rank0([record.recall])
+    uses = gather_to_rank0([record.query_uses])
     skipped = gather_to_rank0([loader.skipped()])
     if results is None:
         return None
@@ -189,9 +242,21 @@ def evaluate_model(
     if post is None:
         metrics = {"images": len(images)}
     else:
-        metrics = score(results, images, annotations, category_ids, cfg.protocol, taxonomy)
+        metrics = score(
+            results,
+            images,
+            annotations,
+            category_ids,
+            cfg.protocol,
+            taxonomy,
+            cfg.levels,
+            category_images,
+        )
     if present:
         metrics["AR_C"] = selected / present  # ground-truth categories kept by the selection
+    uses = [u for u in uses if u]
+    if uses:  # per query index, summed over ranks
+        metrics["query_gini"] = gini(np.sum(uses, axis=0))
     expected = val_shards.num_samples
     metrics.update(images_expected=expected, images_evaluated=len(images))
     metrics["skipped"] = dict(sum((Counter(s) for s in skipped), Counter()))
@@ -200,6 +265,8 @@ def evaluate_model(
     if output_dir is not None:
         write_json(Path(output_dir) / "metrics.json", metrics)
         write_json(Path(output_dir) / "results.json", results)
+        if cfg.levels and post is not None:
+            plot_levels(metrics, cfg.levels, Path(output_dir) / "ap_by_level.png")
     if len(images) < expected and not cfg.allow_partial:
         raise IncompleteEvaluationError(
             f"evaluated {len(images)} of the {expected} images the val shards list "
@@ -210,6 +277,14 @@ def evaluate_model(
     return metrics, results
 
 
+def run_matcher(config: dict, source: str):
+    """The one-to-one matcher of a run's saved model configuration (query-use counts)."""
+    from vastdet.config import from_dict
+    from vastdet.models.build import ModelConfig, build_matcher
+
+    return build_matcher(from_dict(ModelConfig, config["model"], source, "model"))
+
+
 def eval_transforms(config: dict, source: str) -> Callable:
     """The evaluation transforms of a run's saved configuration."""
     from pipelines.transforms import TransformConfig, build_transforms
@@ -217,6 +292,28 @@ def eval_transforms(config: dict, source: str) -> Callable:
 
     transforms = from_dict(TransformConfig, config["data"]["transforms"], source, "data.transforms")
     return build_transforms(transforms, train=False)
+
+
+def plot_levels(metrics: dict, levels: Sequence[int], path: Path) -> Path:
+    """A chart of AP and AP50 against the hierarchy depth they were scored at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted(levels)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("AP", "AP50"):
+        ax.plot(depths, [metrics[f"{name}_level{d}"] for d in depths], marker="o", label=name)
+    ax.set(xlabel="hierarchy depth (categories mapped to their ancestor there)", ylabel="AP")
+    ax.set_xticks(depths)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def format_metrics(metrics: dict) -> str:
@@ -248,18 +345,22 @@ def run_eval(
     output_dir: str | os.PathLike,
     cfg: EvalConfig,
     categories: str | os.PathLike | None = None,
+    train_shards: str | os.PathLike | None = None,
 ) -> dict[str, float] | None:
     """`vastdet eval`: a trained model (exported file or run folder) over the val shards.
 
     Runs as one process or under any launcher (every rank holds the whole model and reads its
-    share of the shards); rank 0 writes `metrics.json` and `results.json` to `output_dir`."""
+    share of the shards); rank 0 writes `metrics.json` and `results.json` to `output_dir`.
+    APr/APc/APf take their training-image counts from `train_shards`, else from the training
+    shards the run names (when they can be opened here)."""
     from pipelines.shards import ShardSet
-    from vastdet.engine.export import load_model
-    from vastdet.engine.train import _prepare_deepspeed, init_distributed
+    from pipelines.sources import is_url
+    from vastdet.engine.distributed import init_distributed, prepare_deepspeed
+    from vastdet.engine.loading import load_model
 
-    if categories is not None and not Path(categories).is_file():
+    if categories is not None and not is_url(categories) and not Path(categories).is_file():
         raise FileNotFoundError(f"no category file {categories}")
-    rank, _ = init_distributed(_prepare_deepspeed())
+    rank, _ = init_distributed(prepare_deepspeed())
     model, post, config = load_model(model_path)
     transforms = eval_transforms(config, str(model_path))
     shards = ShardSet.open(val_shards)
@@ -275,8 +376,23 @@ def run_eval(
         device,
         taxonomy,
         output_dir,
+        run_matcher(config, str(model_path)),
+        training_counts(train_shards or config["data"].get("train_shards")),
     )
     return out[0] if rank == 0 and out is not None else None
+
+
+def training_counts(train_shards: str | os.PathLike | None) -> dict[int, int] | None:
+    """Per-category training-image counts from a training manifest, or None (none given, or
+    not readable from here)."""
+    from pipelines.shards import ShardSet
+
+    if not train_shards:
+        return None
+    try:
+        return ShardSet.open(train_shards).category_images()
+    except (OSError, ValueError):
+        return None
 
 
 def manifest_categories(shards: str | os.PathLike | None) -> Path | None:
@@ -294,9 +410,12 @@ def manifest_categories(shards: str | os.PathLike | None) -> Path | None:
 def find_taxonomy(*candidates: str | os.PathLike | None):
     """The taxonomy in the first candidate file that exists (the hierarchy and novel flags
     evaluation uses), or None."""
+    from pipelines.sources import is_url, local_copy
     from taxonomy import load_taxonomy
 
     for path in candidates:
+        if path and is_url(path):
+            path = local_copy(path)
         if path and Path(path).is_file():
             return load_taxonomy(path)
     return None
