@@ -239,41 +239,66 @@ def _write_job(job) -> tuple[dict, list[Problem]]:
 class ShardSet:
     """A manifest read back: shard paths and counts, in manifest order."""
 
-    root: Path
+    root: Path | str  # the manifest's folder: a path, or a URL
     manifest: dict
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ShardSet:
-        """Open `path` (a manifest file or the folder holding one)."""
-        path = Path(path)
-        manifest_path = path / MANIFEST if path.is_dir() else path
-        if not manifest_path.is_file():
+        """Open `path`: a manifest file or the folder holding one, on this machine or at a URL
+        (`pipelines.sources`; a URL names the manifest itself or its folder)."""
+        from pipelines import sources
+
+        text = os.fspath(path)
+        local = sources.local_path(text)
+        if local is not None:
+            manifest_path = str(local / MANIFEST if local.is_dir() else local)
+        else:
+            manifest_path = text if text.endswith(".json") else sources.join(text, MANIFEST)
+        try:
+            raw = sources.read_bytes(manifest_path)
+        except FileNotFoundError:
             raise FileNotFoundError(
                 f"no shard manifest at {manifest_path} (write shards with `vastdet data shard`)"
-            )
+            ) from None
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{manifest_path}: not a JSON manifest ({err})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"{manifest_path} is not a vastdet shard manifest")
         for entry in manifest.get("shards", []):
             check_shard_name(entry.get("name") if isinstance(entry, dict) else entry, manifest_path)
-        return cls(manifest_path.parent, manifest)
+        root = sources.parent(manifest_path)
+        return cls(Path(root) if local is not None else root, manifest)
+
+    @property
+    def remote(self) -> bool:
+        """True when the shards are read from a URL."""
+        return isinstance(self.root, str)
+
+    def location(self, name: str) -> str:
+        from pipelines import sources
+
+        return sources.join(self.root, name)
 
     @property
     def categories_file(self) -> Path | None:
         """The category file the shards were written against (recorded relative to the
-        manifest; manifests from before that recorded it relative to the writer's folder)."""
+        manifest; manifests from before that recorded it relative to the writer's folder).
+        Beside a manifest at a URL, it is fetched into the local cache."""
+        from pipelines import sources
+
         recorded = self.manifest.get("categories_file")
         if not recorded:
             return None
+        if self.remote:
+            return sources.local_copy(self.location(recorded))
         beside = self.root / recorded
         return beside if beside.exists() or not Path(recorded).exists() else Path(recorded)
 
     @property
     def urls(self) -> list[str]:
-        return [str(self.root / s["name"]) for s in self.manifest["shards"]]
+        return [self.location(s["name"]) for s in self.manifest["shards"]]
 
     @property
     def samples_per_shard(self) -> list[int]:
@@ -291,5 +316,18 @@ class ShardSet:
         return [
             s["name"]
             for s in self.manifest["shards"]
-            if file_sha256(self.root / s["name"]) != s["sha256"]
+            if source_sha256(self.location(s["name"])) != s["sha256"]
         ]
+
+
+def source_sha256(location: str, chunk: int = 1 << 22) -> str:
+    """sha256 of the bytes at a path or URL, streamed in chunks (shards can be gigabytes)."""
+    import hashlib
+
+    from pipelines.sources import open_source
+
+    digest = hashlib.sha256()
+    with open_source(location) as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -10,8 +10,8 @@ decoded: name (ustar prefix, GNU long names and pax `path`), size (octal, base-2
 Samples are grouped as webdataset groups them: a member `dir/abc.seg.jpg` belongs to key
 `dir/abc` under the field `seg.jpg` (lower-cased); consecutive members with one key make a
 sample with `__key__` and `__url__`; names without an extension and `__meta__` files are
-skipped. Streams come from webdataset's `gopen`, so the same URLs work (local paths,
-`pipe:`, `http(s)://`, ...).
+skipped. Streams come from `pipelines.sources` (local paths, `http(s)://`, `pipe:`, `s3://`,
+`gs://`, ...).
 
 A bad checksum, a truncated member, an archive that ends without its end-of-archive marker
 (a shard cut short between members) or a duplicate field raises inside the shard; the handler
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
-from webdataset.gopen import gopen
+from pipelines.sources import open_source
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")
@@ -60,8 +60,20 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _read_exact(stream: BinaryIO, n: int, what: str) -> bytes:
+def _read_full(stream: BinaryIO, n: int) -> bytes:
+    """Up to `n` bytes, fewer only at the end of the stream (network streams may return less
+    than asked for in one read)."""
     data = stream.read(n)
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _read_exact(stream: BinaryIO, n: int, what: str) -> bytes:
+    data = _read_full(stream, n)
     if len(data) != n:
         raise TarFormatError(f"truncated {what}: {len(data)} of {n} bytes")
     return data
@@ -72,7 +84,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
-        header = stream.read(BLOCK)
+        header = _read_full(stream, BLOCK)
         if header.count(0) == BLOCK:  # the end-of-archive marker
             return
         if not header:  # a shard cut short at a member boundary still lacks the marker
@@ -146,7 +158,7 @@ def tar_samples(
 
 
 def _shard_samples(url: str) -> Iterator[dict]:
-    stream = gopen(url)
+    stream = open_source(url)
     try:
         sample: dict | None = None
         for name, data in tar_members(stream):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ import pytest
 import yaml
 from test_engine import config, dataset, free_port  # noqa: F401 - the shared synthetic dataset
 
+from cluster.jobs import wait_for
 from cluster.local import loopback_environment
-from cluster.submit import submit_pipeline, wait_for
 
 
 @pytest.fixture
@@ -41,30 +42,78 @@ def ray_cluster(tmp_path):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
 
 
+def vastdet(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vastdet.cli", *args], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+
+
+def submitted(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return re.search(r"submitted (\S+)", done.stdout).group(1)
+
+
 def test_pipeline_runs_as_a_submitted_ray_job(ray_cluster, dataset, tmp_path):  # noqa: F811
+    """`vastdet submit` to a `ray start` head: stage 1 -> stage 2 -> evaluation, each a Ray
+    Train job, recorded in the run folder; `vastdet jobs logs` shows the driver's progress; a
+    re-submission skips every finished step; a failing step names itself and its cause;
+    `vastdet jobs stop` stops a job."""
     address, env = ray_cluster
+    env = {**env, "RAY_AUTH_MODE": "disabled"}  # the client side of a cluster without tokens
     stage1 = yaml.safe_load(
         config(dataset, tmp_path / "s1", model="cq_dino_tiny_stage1", steps=2).read_text()
     )
     stage2 = yaml.safe_load(
         config(dataset, tmp_path / "s2", evaluate=True, model="cq_dino_tiny", steps=3).read_text()
     )
+    settings = {"stage1": stage1, "stage2": stage2, "num_workers": 1, "max_failures": 0}
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(
-        yaml.safe_dump({"stage1": stage1, "stage2": stage2, "num_workers": 1, "max_failures": 0})
+    pipeline.write_text(yaml.safe_dump(settings))
+    secret = "s3cr3t-value"
+    job = submitted(
+        vastdet("submit", str(pipeline), "--address", address, "--env", f"TOKEN={secret}", env=env)
     )
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the client side of a cluster without tokens
-    try:
-        job = submit_pipeline(address, pipeline)
-        status = wait_for(address, job, timeout_s=600)
-    finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    assert status == "SUCCEEDED"
-    metrics = json.loads((tmp_path / "s2" / "eval" / "metrics.json").read_text())
+    assert wait_for(address, job, timeout_s=900) == "SUCCEEDED"
+    logs = vastdet("jobs", "--address", address, "logs", job, env=env).stdout
+    assert re.search(r"stage2 +step +3/3 +loss", logs), logs[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 5 and "AR_C" in metrics
-    # stage 2 started from stage 1: the pipeline filled in init_from
+    state = json.loads((tmp_path / "pipeline.json").read_text())["steps"]
+    assert [state[s]["status"] for s in ("stage1", "stage2", "eval")] == ["finished"] * 3
+    # stage 2 started from stage 1's checkpoint in Ray's storage, and trained without its own
+    # end-of-run evaluation (the pipeline's step does it)
     saved = json.loads((tmp_path / "s2" / "config.json").read_text())
-    assert saved["model"]["init_from"] == str(tmp_path / "s1")
+    assert saved["model"]["init_from"].startswith(str(tmp_path / "s2" / ".init-"))
+    assert saved["eval_at_end"] is False and not (tmp_path / "s2" / "eval").exists()
+    # listings never print the job's environment values
+    listing = vastdet("jobs", "--address", address, "status", job, env=env).stdout
+    assert "TOKEN" in listing and secret not in listing
+
+    again = submitted(vastdet("submit", str(pipeline), "--address", address, env=env))
+    assert wait_for(address, again, timeout_s=600) == "SUCCEEDED"
+    logs = vastdet("jobs", "--address", address, "logs", again, env=env).stdout
+    for step in ("stage1", "stage2", "eval"):
+        assert f"{step} finished earlier" in logs, logs[-3000:]
+    assert json.loads((tmp_path / "pipeline.json").read_text())["steps"] == state
+
+    broken = {**settings, "evaluation": {"val_shards": str(tmp_path / "missing")}}
+    pipeline.write_text(yaml.safe_dump(broken))
+    failing = submitted(vastdet("submit", str(pipeline), "--address", address, env=env))
+    assert wait_for(address, failing, timeout_s=600) == "FAILED"
+    logs = vastdet("jobs", "--address", address, "logs", failing, env=env).stdout
+    assert re.search(r"pipeline step eval failed .*no shard manifest", logs, re.S), logs[-3000:]
+    record = json.loads((tmp_path / "pipeline.json").read_text())["steps"]
+    assert record["eval"]["status"] == "failed" and "no shard manifest" in record["eval"]["error"]
+    assert record["stage2"] == state["stage2"]  # the stages were not run again
+
+    pipeline.write_text(yaml.safe_dump({**settings, "run_dir": str(tmp_path / "other")}))
+    stopping = submitted(vastdet("submit", str(pipeline), "--address", address, env=env))
+    stop = vastdet("jobs", "--address", address, "stop", stopping, env=env)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert wait_for(address, stopping, timeout_s=300) == "STOPPED"
+    listed = vastdet("jobs", "--address", address, "list", env=env).stdout
+    assert re.search(rf"{stopping} +STOPPED", listed) and re.search(rf"{job} +SUCCEEDED", listed)
 
 
 def test_relative_paths_reach_ray_workers_as_absolute_ones(tmp_path, monkeypatch):

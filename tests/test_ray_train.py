@@ -10,12 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
 from test_engine import config, dataset  # noqa: F401 - the shared synthetic dataset fixture
+from two_nodes import train_worker_pids
 
 from cluster.local import start_local_ray
 from cluster.workers import run_training_stage
@@ -64,20 +64,6 @@ def test_engine_runs_as_two_ray_train_workers(local_ray, dataset, tmp_path):  # 
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert all(m["world_size"] == 2 for m in lines)  # the workers formed one process group
     assert (tmp_path / "ray" / "checkpoints" / "step_00000004").is_dir()
-
-
-def train_worker_pids() -> list[int]:
-    """Processes of live Ray Train workers (Ray titles them `ray::RayTrainWorker...`)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if title.startswith("ray::RayTrainWorker"):
-                pids.append(int(entry.name))
-    return pids
 
 
 def test_a_killed_worker_is_restarted_and_the_run_resumes(local_ray, dataset, tmp_path):  # noqa: F811

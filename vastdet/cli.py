@@ -1,10 +1,12 @@
-"""The `vastdet` command: one entry point, a command group per package."""
+"""The `vastdet` command: one entry point, a command group per package (those above vastdet,
+such as the cluster's, through the `vastdet.commands` entry-point group)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from pipelines.annotations import AnnotationError, UnusableDataError
 from pipelines.cli import add_commands as add_data_commands
@@ -13,6 +15,10 @@ from taxonomy.cli import add_commands as add_taxonomy_commands
 from vastdet.config import ConfigError
 from vastdet.engine.cli import add_commands as add_engine_commands
 from vastdet.evaluation import IncompleteEvaluationError
+
+# Packages above vastdet add their commands through this entry-point group (vastdet imports
+# none of them): `[project.entry-points."vastdet.commands"]` in their pyproject.
+PLUGIN_GROUP = "vastdet.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_taxonomy_commands(groups)
     add_data_commands(groups)
     add_engine_commands(groups)
+    for plugin in entry_points(group=PLUGIN_GROUP):  # e.g. the cluster's `submit` and `jobs`
+        plugin.load()(groups)
     return parser
 
 
