@@ -32,7 +32,7 @@ log = logging.getLogger("cluster.demo")
 TRAIN, VAL = 1600, 100  # images
 MIN_SIDE, MAX_SIDE = 128, 160  # image sides, px
 MIN_BOX, MAX_BOX = 0.25, 0.7  # object sides as fractions of the image's short side
-STEPS1, STEPS2 = 60, 300
+STEPS1, STEPS2 = 200, 600
 LEVELS = (1, 2, 3)  # depths below the root scored again (7, 39 and 130 ancestors of mammals)
 
 
@@ -100,7 +100,7 @@ def pipeline_config(
     stage1 = {
         **common,
         "model": {**model, "architecture": "cq_selector"},
-        "optim": {"lr": 1e-3, "clip_grad": 1.0, "param_groups": []},
+        "optim": {"lr": 3e-4, "clip_grad": 1.0, "param_groups": []},
         "steps": steps1,
         "checkpoint_every": steps1,
         "output_dir": str(work / "stage1"),
@@ -111,9 +111,10 @@ def pipeline_config(
         **common,
         "model": model,
         "optim": {
-            "lr": 5e-4,
+            "lr": 1e-3,
             "clip_grad": 0.1,
             "param_groups": [low],
+            "warmup_steps": min(50, steps2 // 10),
             "decay_steps": [int(steps2 * 0.8)],
         },
         "steps": steps2,

@@ -233,6 +233,8 @@ class Pipeline:
 
     def evaluate(self, upstream: str) -> dict:
         from cluster.workers import eval_worker
+        from vastdet.engine.metrics import append_evaluation
+        from vastdet.engine.plot import plot_run
 
         cfg, stage2 = self.cfg.evaluation, self.cfg.stage2
         settings = dataclasses.asdict(cfg.settings or stage2.eval)
@@ -261,6 +263,9 @@ class Pipeline:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(staging, out)
         metrics = json.loads((out / "metrics.json").read_text())
+        # the final point of stage 2's learning curve
+        append_evaluation(stage2.output_dir, stage2.steps, metrics)
+        plot_run(stage2.output_dir)
         self.state.record(
             "eval", status="finished", fingerprint=key, ray_run=name, seconds=seconds,
             output=str(out), metrics={k: v for k, v in metrics.items() if isinstance(v, float)},

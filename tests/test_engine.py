@@ -447,3 +447,22 @@ def tensorboard_events(run_dir: Path) -> dict:
                 else:
                     scalars[(value.tag, event.step)] = value.simple_value
     return {"scalars": scalars, "images": images}
+
+
+def test_an_evaluation_made_elsewhere_ends_the_learning_curve(tmp_path):
+    """A pipeline's evaluation job adds its numbers to the stage's record at the final step
+    (replacing an evaluation already there), and the learning curve draws every depth."""
+    from vastdet.engine.metrics import append_evaluation
+    from vastdet.engine.plot import CHARTS, chart_keys
+
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "val_AP": 0.1}, {"step": 4, "val_AP": 0.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    append_evaluation(tmp_path, 4, {"AP": 0.3, "AP_level1": 0.5, "skipped": {}})
+    assert evaluation_rows(tmp_path) == [
+        {"step": 2, "val_AP": 0.1},
+        {"step": 4, "val_AP": 0.3, "val_AP_level1": 0.5},
+    ]
+    records = [{"val_AP": 0, "val_AP50_level2": 0, "val_AP_level10": 0, "val_AR_C": 0}]
+    assert chart_keys(CHARTS["validation_ap.png"], records) == [
+        "val_AP", "val_AP50_level2", "val_AP_level10",
+    ]  # fmt: skip

@@ -79,6 +79,12 @@ def test_pipeline_runs_as_a_submitted_ray_job(ray_cluster, dataset, tmp_path):  
     assert re.search(r"stage2 +step +3/3 +loss", logs), logs[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 5 and "AR_C" in metrics
+    from vastdet.engine.metrics import evaluation_rows
+
+    assert evaluation_rows(tmp_path / "s2")[-1] == {  # the end of stage 2's learning curve
+        "step": 3,
+        **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+    }
     state = json.loads((tmp_path / "pipeline.json").read_text())["steps"]
     assert [state[s]["status"] for s in ("stage1", "stage2", "eval")] == ["finished"] * 3
     # stage 2 started from stage 1's checkpoint in Ray's storage, and trained without its own

@@ -66,15 +66,36 @@ class RunLog:
 
     def evaluation(self, step: int, metrics: dict, results: list[dict], val_shards, names) -> None:
         """An evaluation's numbers as `val_<name>` at `step`; a few val images drawn."""
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self._write({"step": step, **{f"val_{k}": v for k, v in numbers.items()}})
-        self.board.scalars("val", numbers, step)
+        row = evaluation_row(step, metrics)
+        self._write(row)
+        self.board.scalars(
+            "val", {k[len("val_") :]: v for k, v in row.items() if k != "step"}, step
+        )
         self.board.detections(val_shards, results, step, names)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
         self.board.close()
+
+
+def evaluation_row(step: int, metrics: dict) -> dict:
+    """An evaluation's numbers as a metrics row: `val_<name>` at `step`."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return {"step": step, **{f"val_{k}": v for k, v in numbers.items()}}
+
+
+def append_evaluation(run_dir: str | os.PathLike, step: int, metrics: dict) -> None:
+    """Add an evaluation made elsewhere (a pipeline's evaluation job) to a finished run's
+    metrics.jsonl, in place of one already recorded at that step."""
+    from taxonomy.files import atomic_output
+
+    path = Path(run_dir) / "metrics.jsonl"
+    kept = [r for r in read_metrics(run_dir) if not (r["step"] == step and is_evaluation(r))]
+    with atomic_output(path) as tmp:
+        tmp.write_text(
+            "".join(json.dumps(r) + "\n" for r in [*kept, evaluation_row(step, metrics)])
+        )
 
 
 def drop_rows_after(path: Path, step: int) -> None:

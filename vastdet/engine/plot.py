@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from vastdet.engine.metrics import read_metrics
@@ -20,10 +21,29 @@ CHARTS = {
         "loss_div",
     ),
     "learning_rate.png": ("lr",),
-    "validation_ap.png": ("val_AP", "val_AP50", "val_AP75", "val_AR_C", "val_query_gini"),
+    # the learning curve: AP on the val shards, and at each hierarchy depth evaluated
+    "validation_ap.png": ("val_AP", "val_AP50", "val_AP75", r"val_AP(50)?_level\d+"),
+    "validation_other.png": (
+        "val_AR100",
+        "val_AR_C",
+        "val_query_gini",
+        "val_APr",
+        "val_APc",
+        "val_APf",
+    ),
     "throughput.png": ("images_per_s",),
     "data_wait.png": ("data_wait_share",),
 }
+
+
+def chart_keys(keys, records: list[dict]) -> list[str]:
+    """The metrics a chart draws: its plain keys present in the records, then every recorded
+    key matching its patterns (keys with a backslash), sorted."""
+    seen = {k for r in records for k in r}
+    plain = [k for k in keys if "\\" not in k and k in seen]
+    patterns = [re.compile(k) for k in keys if "\\" in k]
+    matched = sorted(k for k in seen if any(p.fullmatch(k) for p in patterns))
+    return plain + [k for k in matched if k not in plain]
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -41,13 +61,14 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, keys in CHARTS.items():
-        present = [k for k in keys if any(k in r for r in records)]
+        present = chart_keys(keys, records)
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in present:
             points = [(r["step"], r[key]) for r in records if key in r]
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
+            marker = "o" if key.startswith("val_") else None  # evaluations are few points
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker)
         ax.set_xlabel("step")
         ax.set_title(f"{run.name}: {name[:-4].replace('_', ' ')}")
         ax.grid(alpha=0.3)
