@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from bench_vocab_scaling import peak_gb, reset_peak, synthetic_taxonomy
+from bench_vocab_scaling import synthetic_taxonomy, training_step_cost
 
 PAIRS = {
     "DINO-4scale R50": ({"preset": "dino_r50_4scale"}, {"preset": "paq_dino_r50_4scale"}),
@@ -60,20 +60,9 @@ def child(settings: dict, image: int, repeats: int) -> dict:
             model(images, masks)
             times.append(time.perf_counter() - start)
     out["forward_s"] = statistics.median(times)
-    model.train()
-    targets = [
-        {
-            "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.6, 0.2, 0.3]]),
-            "labels": torch.tensor([1, CATEGORIES]),
-        }
-    ]
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    reset_peak()
-    start = time.perf_counter()
-    losses = criterion(model(images, masks, targets), targets)
-    criterion.weighted_sum(losses).backward()
-    optim.step()
-    out.update(step_s=time.perf_counter() - start, train_peak_gb=peak_gb())
+    out["step_s"], out["train_peak_gb"] = training_step_cost(
+        model, criterion, images, masks, CATEGORIES
+    )
     return out
 
 

@@ -11,6 +11,18 @@ import json
 import os
 from pathlib import Path
 
+LOGGED_TERMS = (  # the loss terms a training row carries (those the model has)
+    "loss",
+    "loss_ce",
+    "loss_bbox",
+    "loss_giou",
+    "loss_dn",
+    "loss_enc",
+    "loss_o2m",
+    "loss_sel",
+    "loss_div",
+)
+
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """Every complete row of the run's metrics.jsonl, in order ([] when there is none)."""

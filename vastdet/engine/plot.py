@@ -6,20 +6,10 @@ import os
 import re
 from pathlib import Path
 
-from vastdet.engine.metrics import read_metrics
+from vastdet.engine.metrics import LOGGED_TERMS, read_metrics
 
 CHARTS = {
-    "losses.png": (
-        "loss",
-        "loss_ce",
-        "loss_bbox",
-        "loss_giou",
-        "loss_dn",
-        "loss_enc",
-        "loss_o2m",
-        "loss_sel",
-        "loss_div",
-    ),
+    "losses.png": LOGGED_TERMS,
     "learning_rate.png": ("lr",),
     # the learning curve: AP on the val shards, and at each hierarchy depth evaluated
     "validation_ap.png": ("val_AP", "val_AP50", "val_AP75", r"val_AP(50)?_level\d+"),

@@ -24,7 +24,7 @@ import torch
 from vastdet.engine import checkpoints
 from vastdet.engine.config import OptimConfig, TrainConfig, load_train_config
 from vastdet.engine.distributed import init_distributed, prepare_deepspeed
-from vastdet.engine.metrics import RunLog
+from vastdet.engine.metrics import LOGGED_TERMS, RunLog
 from vastdet.engine.partitions import DataOnlyCheckpointEngine
 from vastdet.engine.threads import set_threads
 
@@ -120,17 +120,6 @@ def _gathered_rng_states() -> list[torch.Tensor]:
     return states
 
 
-LOGGED_TERMS = (
-    "loss",
-    "loss_ce",
-    "loss_bbox",
-    "loss_giou",
-    "loss_dn",
-    "loss_enc",
-    "loss_o2m",
-    "loss_sel",
-    "loss_div",
-)
 DIAGNOSTICS = ("diag_rho", "diag_eta")
 
 
