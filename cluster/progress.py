@@ -111,9 +111,14 @@ class ProgressPrinter:
 
 
 def board_handle(name: str | None):
-    """The board a worker pushes to (None without one)."""
+    """The board a worker pushes to (None without one, or when it is gone: progress lines are
+    never worth a failed run)."""
     if not name:
         return None
     import ray
 
-    return ray.get_actor(name, namespace=NAMESPACE)
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        log.warning("progress board %s not found: this run's progress is not printed", name)
+        return None
