@@ -2,7 +2,7 @@
 same model and batch, in the same command, and the share of step time spent waiting for data.
 
     python benchmarks/bench_trainer.py [--model dino_tiny] [--batch 4] [--size 128]
-        [--steps 60] [--workdir /tmp/bench_trainer]
+        [--steps 60] [--repeats 3] [--workdir /tmp/bench_trainer]
 
 Rows:
 - bare loop, 1 process: the model, AdamW and pre-collated batches held in memory, cycled;
@@ -13,6 +13,10 @@ Rows:
   priority (`data.worker_nice: 0`);
 - bare loop and engine with 2 ranks (ZeRO-2 for the engine): two processes on the two cores.
 
+Every row runs once per round, the rounds one after another; the table gives medians over the
+rounds and the ratio to the same round's bare loop (this machine's speed drifts by 10-25%
+between minutes, so ratios across rounds would measure the drift).
+
 Threads: every process takes its share (`vastdet.engine.threads`: CPUs / processes on the
 node), the bare loops by the same rule, so the ratio measures the engine's own cost.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -142,6 +147,7 @@ def engine(
     }  # fmt: skip
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    shutil.rmtree(work / name, ignore_errors=True)  # an earlier call's run would only resume
     launch(["-m", "vastdet.engine.train", "--config", str(path)], world)
     rows = training_rows(work / name)[1:]
     return {
@@ -157,6 +163,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_trainer"))
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every row")
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -165,34 +172,40 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     shards = dataset(work, args.size)
-    rows = []
-    for world in (1, 2):
-        cmd = [
-            __file__,
-            "--model",
-            args.model,
-            "--batch",
-            str(args.batch),
-            "--bare",
-            str(shards),
-            str(args.steps),
-        ]
-        bare_rate = sum(json.loads(out.strip().splitlines()[-1]) for out in launch(cmd, world))
-        rows.append(
-            (f"bare loop, {world} process{'es' if world > 1 else ''}", bare_rate, None, bare_rate)
-        )
-        variants = [(10, "")] + ([(0, ", workers at the trainer's priority")] if world == 1 else [])
-        for nice, note in variants:
-            name = f"engine_w{world}_n{nice}"
-            r = engine(work, name, args.model, shards, args.batch, args.steps, world, nice)
-            label = f"engine, {world} rank{'s, ZeRO-2' if world > 1 else ''}{note}"
-            rows.append((label, r["images_per_s"], r["wait"], bare_rate))
-    print(f"\n{args.model}, batch {args.batch} per rank, {args.size} px, {os.cpu_count()} CPUs")
-    print("| run | images/s | vs bare loop | data-wait share |")
-    print("|---|---|---|---|")
-    for label, rate, wait, base in rows:
-        share = "-" if wait is None else f"{wait:.3f}"
-        print(f"| {label} | {rate:.1f} | {rate / base:.2f} | {share} |")
+    # label -> per-round (images/s, data-wait share, ratio to that round's bare loop)
+    results: dict[str, list[tuple[float, float | None, float]]] = {}
+    for _ in range(args.repeats):
+        for world in (1, 2):
+            cmd = [
+                __file__, "--model", args.model, "--batch", str(args.batch),
+                "--bare", str(shards), str(args.steps),
+            ]  # fmt: skip
+            bare_rate = sum(json.loads(out.strip().splitlines()[-1]) for out in launch(cmd, world))
+            label = f"bare loop, {world} process{'es' if world > 1 else ''}"
+            results.setdefault(label, []).append((bare_rate, None, 1.0))
+            variants = [(10, "")] + (
+                [(0, ", loader worker at the trainer's priority")] if world == 1 else []
+            )
+            for nice, note in variants:
+                name = f"engine_w{world}_n{nice}"
+                r = engine(work, name, args.model, shards, args.batch, args.steps, world, nice)
+                label = f"engine, {world} rank{'s, ZeRO-2' if world > 1 else ''}{note}"
+                results.setdefault(label, []).append(
+                    (r["images_per_s"], r["wait"], r["images_per_s"] / bare_rate)
+                )
+    print(
+        f"\n{args.model}, batch {args.batch} per rank, {args.size} px, {os.cpu_count()} CPUs; "
+        f"medians of {args.repeats} rounds, ratios taken within each round"
+    )
+    print("| run | images/s | vs bare loop | ratio in each round | data-wait share |")
+    print("|---|---|---|---|---|")
+    for label, rounds in results.items():
+        rate = statistics.median(r[0] for r in rounds)
+        ratio = statistics.median(r[2] for r in rounds)
+        each = " / ".join(f"{r[2]:.2f}" for r in rounds)
+        waits = [r[1] for r in rounds if r[1] is not None]
+        share = f"{statistics.median(waits):.3f}" if waits else "-"
+        print(f"| {label} | {rate:.1f} | {ratio:.2f} | {each} | {share} |")
 
 
 if __name__ == "__main__":
