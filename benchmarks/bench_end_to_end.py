@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,10 +26,17 @@ from vastdet.evaluation.baseline import random_baseline as baseline_metrics
 from vastdet.evaluation.coco import STAT_NAMES
 
 
-def run(args: list[str]) -> float:
-    """Run a `vastdet` command; its wall time in seconds."""
+def run(args: list[str], env: dict | None = None, log: Path | None = None) -> float:
+    """Run a `vastdet` command (with `env` added to the environment, its output appended to
+    `log` when given); its wall time in seconds."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "vastdet.cli", *args], check=True)
+    command = [sys.executable, "-m", "vastdet.cli", *args]
+    environ = {**os.environ, **(env or {})}
+    if log is None:
+        subprocess.run(command, check=True, env=environ)
+    else:
+        with open(log, "a") as out:
+            subprocess.run(command, check=True, env=environ, stdout=out, stderr=subprocess.STDOUT)
     return time.perf_counter() - start
 
 
