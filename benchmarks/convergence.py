@@ -12,7 +12,8 @@ categories equally frequent. Methods, all tiny presets (ResNet-18 from random we
 1 + 2 layers, 30 queries), batch 4, AdamW 1e-3 with 100 warm-up steps and a decay at 80%:
 
 - `dino`, `paq_dino` (D + Q), `paq_dino_D` (pattern queries only), `paq_dino_Q` (one-to-many
-  only): PaQ-DETR's Table 6 ablation on DINO;
+  only): PaQ-DETR's Table 6 ablation on DINO; `dino_layer_heads` and `paq_dino_Q_layer_heads`
+  (run only when named) give each decoder layer its own box head and classifier;
 - `cq_dino`, `paq_cq_dino`: CQ-DINO and CQ-DINO with PaQ-DETR (C' = 10 of the categories);
   their stage 1 (the selector) trains first for a fifth of `--steps` at 1e-4, then stage 2 for
   `--steps`, the selector and category queries at a tenth of the learning rate. Every backbone
@@ -45,6 +46,10 @@ METHODS = {
     "paq_dino": {"preset": "paq_dino_tiny"},
     "paq_dino_D": {"preset": "paq_dino_tiny", "one_to_many": False},
     "paq_dino_Q": {"preset": "dino_tiny", "one_to_many": True},
+    # with a box head and classifier per decoder layer: does one-to-many on layer 1 harm the
+    # one-to-one layer 2 through the heads they share?
+    "dino_layer_heads": {"preset": "dino_tiny", "share_heads": False},
+    "paq_dino_Q_layer_heads": {"preset": "dino_tiny", "one_to_many": True, "share_heads": False},
     "cq_dino": {"preset": "cq_dino_tiny", "num_selected": 10},
     "paq_cq_dino": {"preset": "paq_cq_dino_tiny", "num_selected": 10},
 }
@@ -180,7 +185,10 @@ def plot(work: Path, names: list[str], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=[m for m in METHODS if "layer_heads" not in m],
+        choices=list(METHODS),
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--train", type=int, default=3000)
