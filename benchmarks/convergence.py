@@ -165,10 +165,9 @@ def finished(work: Path, name: str, steps: int) -> bool:
 
 
 def plot(work: Path, names: list[str], out: Path) -> None:
-    import matplotlib
+    from vastdet.engine.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
@@ -177,10 +176,7 @@ def plot(work: Path, names: list[str], out: Path) -> None:
     ax.set(xlabel="training step", ylabel="held-out AP50", title="convergence on the easy set")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main() -> None:

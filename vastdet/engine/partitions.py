@@ -2,7 +2,7 @@
 partitions put back together here.
 
 Run folders travel between people, so their checkpoint files are untrusted input. DeepSpeed's
-own loaders unpickle them with `weights_only=False` (a crafted file runs code); here a file may
+own loaders unpickle them in full, code included (a crafted file runs code); here a file may
 hold tensors, numbers, strings, containers and the three record types DeepSpeed writes into its
 optimizer files (`DEEPSPEED_TYPES`), nothing else.
 

@@ -26,6 +26,28 @@ CHARTS = {
 }
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on cluster nodes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (100 dpi, the folder made when missing) and close `fig`; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def chart_keys(keys, records: list[dict]) -> list[str]:
     """The metrics a chart draws: its plain keys present in the records, then every recorded
     key matching its patterns (keys with a backslash), sorted."""
@@ -38,11 +60,7 @@ def chart_keys(keys, records: list[dict]) -> list[str]:
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """One PNG per chart family, against the step; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run = Path(run_dir)
     records = read_metrics(run)
     if not records:
@@ -63,8 +81,5 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.set_title(f"{run.name}: {name[:-4].replace('_', ' ')}")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(save_figure(fig, out / name))
     return written

@@ -80,10 +80,9 @@ def draw(
     score: float = 0.5,
 ) -> list[Path]:
     """Write the figures; returns their paths."""
-    import matplotlib
+    from vastdet.engine.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,11 +98,7 @@ def draw(
             title=f"{label}: W^D of {len(rows)} detections", xlabel="pattern", ylabel="detection"
         )
         mean.set(title="mean weight per pattern", xlabel="pattern")
-        fig.tight_layout()
-        path = out / f"patterns_category_{category}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"patterns_category_{category}.png"))
     if len(images) >= 2:
         points = principal_map(images)
         dominant = [
@@ -125,11 +120,7 @@ def draw(
             ylabel="PC 2",
         )
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / "patterns_images_map.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / "patterns_images_map.png"))
     return written
 
 

@@ -296,10 +296,9 @@ def eval_transforms(config: dict, source: str) -> Callable:
 
 def plot_levels(metrics: dict, levels: Sequence[int], path: Path) -> Path:
     """A chart of AP and AP50 against the hierarchy depth they were scored at."""
-    import matplotlib
+    from vastdet.engine.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     depths = sorted(levels)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -309,11 +308,7 @@ def plot_levels(metrics: dict, levels: Sequence[int], path: Path) -> Path:
     ax.set_xticks(depths)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_metrics(metrics: dict) -> str:
