@@ -85,15 +85,12 @@ class RayReports:
     def __init__(self, cfg: TrainConfig, rank: int, progress=None, stage: str = ""):
         self.cfg, self.rank, self.progress, self.stage = cfg, rank, progress, stage
 
-    def checkpoint_step(self, step: int) -> bool:
-        return step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps
-
     def on_log(self, row: dict) -> None:
         import ray.train
 
         if self.progress is not None and self.rank == 0:
             self.progress.push.remote(self.stage, {**row, "steps": self.cfg.steps})
-        if not self.checkpoint_step(row["step"]):
+        if not self.cfg.checkpoint_step(row["step"]):
             ray.train.report(row)
 
     def on_checkpoint(self, folder: Path, step: int, row: dict) -> None:

@@ -84,6 +84,11 @@ class TrainConfig:
         if not self.data.train_shards:
             raise ValueError("data.train_shards is required (a shard folder or manifest)")
 
+    def checkpoint_step(self, step: int) -> bool:
+        """Whether the run saves a checkpoint after optimizer step `step` (every
+        `checkpoint_every` steps and the last one)."""
+        return step % self.checkpoint_every == 0 or step == self.steps
+
     def to_dict(self) -> dict:
         return asdict(self)
 

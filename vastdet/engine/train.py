@@ -303,7 +303,7 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
                     if hooks.on_log is not None:
                         hooks.on_log(last)
                     tick, images_seen, waited = time.perf_counter(), 0, 0.0
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if cfg.checkpoint_step(step):
                     state = {
                         "step": step,
                         "epoch": epoch,
