@@ -36,6 +36,55 @@ def test_resnet_strides_channels_and_frozen_parts():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
 
 
+def test_resnet_norm_is_frozen_over_weights_and_group_norm_from_scratch(tmp_path):
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from vastdet.models.build import ModelConfig
+
+    scratch = ResNetBackbone("resnet18")
+    norms = [m for m in scratch.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert scratch.norm == "group_norm" and len(norms) == 20  # stem 1 + 8 blocks x 2 + 3 shortcuts
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in scratch.modules())
+    # the norms learn where the convolutions do
+    trainable = {n for n, p in scratch.named_parameters() if p.requires_grad}
+    assert "stages.1.0.bn1.weight" in trainable and "stem.1.weight" not in trainable
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    pretrained = ResNetBackbone("resnet18", weights=str(path))
+    assert pretrained.norm == "frozen_bn"
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in pretrained.modules())
+    with pytest.raises(ValueError, match="group_norm is for a ResNet trained from scratch"):
+        ResNetBackbone("resnet18", weights=str(path), norm="group_norm")
+    # the config resolves `auto`, so a run's config.json records what it trained
+    assert ModelConfig(backbone="resnet18").backbone_norm == "group_norm"
+    assert ModelConfig(backbone="resnet18", backbone_weights=str(path)).backbone_norm == "frozen_bn"
+    assert ModelConfig(backbone="swin_t").backbone_norm == "layer_norm"
+    with pytest.raises(ValueError, match="backbone_norm must be auto or one of"):
+        ModelConfig(backbone="resnet18", backbone_norm="batch_norm")
+
+
+def test_resnet_from_scratch_keeps_its_scale_when_its_weights_grow():
+    """Frozen batch norm without statistics is an identity, so a ResNet trained from scratch
+    with it is unnormalised: its features scale with the product of its convolutions' weights
+    (training the convergence benchmark's DINO took the last level from ~1 to ~4e6, and a
+    selector reading that level directly learned nothing). GroupNorm undoes a weight's scale."""
+
+    def growth(norm: str) -> float:
+        torch.manual_seed(0)
+        net = ResNetBackbone("resnet18", norm=norm)
+        images = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            before = net(images)[-1].abs().mean()
+            for module in net.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    module.weight.mul_(2.0)  # each convolution's weights twice as large
+            return float(net(images)[-1].abs().mean() / before)
+
+    assert growth("frozen_bn") > 1000
+    assert 0.5 < growth("group_norm") < 2
+
+
 def test_local_weights_load_and_mismatch_is_named(tmp_path):
     import torchvision
 
@@ -100,3 +149,19 @@ def test_swin_any_input_size_and_local_weights(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"1 missing keys \['layers.1.blocks.0.attn.qkv.weight'\]"):
         SwinBackbone("swin_t", weights=str(path))
+
+
+def test_runs_written_before_backbone_norm_restore_with_frozen_batch_norm():
+    from dataclasses import asdict
+
+    from vastdet.config import from_dict
+    from vastdet.engine.loading import _model_from_state
+    from vastdet.models.build import ModelConfig, build_model
+
+    cfg = from_dict(ModelConfig, {"preset": "dino_tiny", "backbone_norm": "frozen_bn"})
+    model, _, _ = build_model(cfg, [1, 2, 3], weights_follow=True)
+    settings = asdict(cfg)
+    del settings["backbone_norm"]  # what such a run's config.json holds
+    restored, _, _ = _model_from_state(model.state_dict(), {"model": settings}, "old run")
+    assert restored.backbone.norm == "frozen_bn"
+    torch.testing.assert_close(restored.state_dict(), model.state_dict())

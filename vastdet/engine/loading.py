@@ -36,7 +36,12 @@ def _model_from_state(state: dict, config: dict, source: str):
     from vastdet.config import from_dict
     from vastdet.models.build import ModelConfig, build_model
 
-    model_cfg = from_dict(ModelConfig, config["model"], source, "model")
+    settings = dict(config["model"])
+    # runs written before `backbone_norm` existed kept a ResNet's frozen batch norm
+    settings.setdefault(
+        "backbone_norm", "frozen_bn" if "swin" not in settings.get("backbone", "") else "auto"
+    )
+    model_cfg = from_dict(ModelConfig, settings, source, "model")
     # the trained weights replace any initial ones; the tree's edges are buffers in `state`
     model_cfg.backbone_weights = model_cfg.category_embeddings = model_cfg.init_from = None
     if "category_queries.embedding.weight" in state:

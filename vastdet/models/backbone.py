@@ -60,8 +60,31 @@ def load_weights(
     log.info("%s weights loaded from %s", what, path)
 
 
+NORMS = ("frozen_bn", "group_norm")
+GN_GROUPS = 32
+
+
+def resnet_norm(norm: str, weights: str | None) -> str:
+    """The ResNet's normalisation: `auto` is frozen batch norm over pretrained weights (their
+    statistics, as DETR and DINO keep them) and trainable GroupNorm(32) without them (He et al.,
+    "Rethinking ImageNet Pre-training": a ResNet trained from scratch needs normalisation that
+    learns; frozen batch norm with no statistics is an identity, and under Adam the
+    unnormalised activations grow by orders of magnitude within a few thousand steps)."""
+    if norm == "auto":
+        return "frozen_bn" if weights else "group_norm"
+    if norm not in NORMS:
+        raise ValueError(f"backbone_norm must be auto or one of {NORMS}, not {norm!r}")
+    if norm == "group_norm" and weights:
+        raise ValueError(
+            "backbone_norm group_norm is for a ResNet trained from scratch; pretrained "
+            "torchvision weights carry batch-norm statistics (use frozen_bn or auto)"
+        )
+    return norm
+
+
 class ResNetBackbone(nn.Module):
-    """Features of stages 2-4 (strides 8, 16, 32) of a torchvision ResNet."""
+    """Features of stages 2-4 (strides 8, 16, 32) of a torchvision ResNet, normalised by `norm`
+    (`resnet_norm`)."""
 
     def __init__(
         self,
@@ -69,11 +92,18 @@ class ResNetBackbone(nn.Module):
         weights: str | None = None,
         train_from_stage: int = 2,
         out_stages: tuple[int, ...] = (2, 3, 4),
+        norm: str = "auto",
     ):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown ResNet {name!r}; choose one of {sorted(RESNETS)}")
-        net = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        self.norm = resnet_norm(norm, weights)
+        norm_layer = (
+            FrozenBatchNorm2d
+            if self.norm == "frozen_bn"
+            else lambda channels: nn.GroupNorm(GN_GROUPS, channels)
+        )
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
         if weights:
             load_weights(net, weights, f"backbone {name}")
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -140,15 +170,22 @@ class SwinBackbone(nn.Module):
 
 
 def build_backbone(
-    name: str, weights: str | None = None, train_from_stage: int = 2, drop_path: float | None = None
+    name: str,
+    weights: str | None = None,
+    train_from_stage: int = 2,
+    drop_path: float | None = None,
+    norm: str = "auto",
 ) -> nn.Module:
-    """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/l`, with stochastic depth
-    `drop_path`, 0.2 when None as in DINO) backbone by name."""
+    """A ResNet (`resnet18/34/50/101`, normalised by `norm`: `resnet_norm`) or Swin
+    (`swin_t/b/l`, with stochastic depth `drop_path`, 0.2 when None as in DINO) backbone by
+    name."""
     if name in SWINS:
+        if norm not in ("auto", "layer_norm"):
+            raise ValueError(f"Swin backbones normalise with LayerNorm; backbone_norm {norm!r}")
         return SwinBackbone(name, weights, drop_path_rate=0.2 if drop_path is None else drop_path)
     if drop_path:
         raise ValueError(f"backbone_drop_path applies to Swin backbones, not {name}")
-    return ResNetBackbone(name, weights, train_from_stage)
+    return ResNetBackbone(name, weights, train_from_stage, norm=norm)
 
 
 class ChannelMapper(nn.Module):

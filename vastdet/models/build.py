@@ -9,7 +9,7 @@ import torch
 
 from taxonomy.hierarchy import ALPHA_RULES
 from vastdet.config import at_least
-from vastdet.models.backbone import build_backbone
+from vastdet.models.backbone import SWINS, build_backbone, resnet_norm
 from vastdet.models.category_queries import CORRELATIONS, CategoryQueries, initial_embeddings
 from vastdet.models.cq_dino import CQDINO, DN_LABELS, CategorySelector, ImageGuidedSelection
 from vastdet.models.criterion import (
@@ -42,6 +42,9 @@ class ModelConfig:
     architecture: str = "dino"
     backbone: str = "resnet50"
     backbone_weights: str | None = None
+    # ResNet: frozen_bn | group_norm | auto (frozen over pretrained weights, GroupNorm from
+    # scratch); resolved when the config is read, so a run's config.json says which it trained
+    backbone_norm: str = "auto"
     train_backbone_from_stage: int = at_least(0, 2)
     d_model: int = at_least(1, 256)
     heads: int = at_least(1, 8)
@@ -102,6 +105,14 @@ class ModelConfig:
     diagnostics: bool = True  # log rho (eq. 3) and eta (eq. 4) on the classification logits
 
     def __post_init__(self) -> None:
+        if self.backbone in SWINS:
+            if self.backbone_norm not in ("auto", "layer_norm"):
+                raise ValueError(
+                    f"Swin backbones normalise with LayerNorm, not backbone_norm {self.backbone_norm!r}"
+                )
+            self.backbone_norm = "layer_norm"
+        else:
+            self.backbone_norm = resnet_norm(self.backbone_norm, self.backbone_weights)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"architecture {self.architecture!r} is not available ({', '.join(ARCHITECTURES)})"
@@ -137,7 +148,11 @@ def build_model(
     if not (restoring or weights_follow):
         _warn_random_parts(cfg)
     backbone = build_backbone(
-        cfg.backbone, cfg.backbone_weights, cfg.train_backbone_from_stage, cfg.backbone_drop_path
+        cfg.backbone,
+        cfg.backbone_weights,
+        cfg.train_backbone_from_stage,
+        cfg.backbone_drop_path,
+        cfg.backbone_norm,
     )
     if cfg.architecture == "dino":
         return _build_dino(cfg, backbone, category_ids)
