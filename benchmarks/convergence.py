@@ -1,15 +1,16 @@
 """Do the detectors learn? Held-out AP against training steps on an easy synthetic set, every
 method side by side with the same steps, next to a random-box baseline.
 
-    python benchmarks/convergence.py [--methods dino paq_dino ...] [--steps 2000]
-        [--eval-every 250] [--train 3000] [--val 300] [--categories 20]
+    python benchmarks/convergence.py [--methods dino paq_dino ...] [--steps 4000]
+        [--eval-every 500] [--train 3000] [--val 300] [--categories 20]
         [--workdir runs/convergence] [--jobs 2] [--plot curves.png]
 
 The set: `--categories` categories, each the only child of its own parent, so that each has its
 own shape and colour (the synthetic renderer inherits those from ancestors; siblings would
 share them); 1-3 objects per 128-160 px image, each covering 25-60% of the short side;
-categories equally frequent. Methods, all tiny presets (ResNet-18 from random weights, d 32,
-1 + 2 layers, 30 queries), batch 4, AdamW 1e-3 with 100 warm-up steps and a decay at 80%:
+categories equally frequent. Methods, all tiny presets (ResNet-18 from random weights, with
+GroupNorm; d 32, 1 + 2 layers, 30 queries), batch 4, AdamW 1e-3 with 100 warm-up steps and a
+decay at 80%:
 
 - `dino`, `paq_dino` (D + Q), `paq_dino_D` (pattern queries only), `paq_dino_Q` (one-to-many
   only): PaQ-DETR's Table 6 ablation on DINO; `dino_layer_heads` and `paq_dino_Q_layer_heads`
@@ -185,8 +186,8 @@ def main() -> None:
         "--methods", nargs="+", default=[m for m in METHODS if "layer_heads" not in m],
         choices=list(METHODS),
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--categories", type=int, default=20)
