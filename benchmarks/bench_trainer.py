@@ -17,8 +17,9 @@ Every row runs once per round, the rounds one after another; the table gives med
 rounds and the ratio to the same round's bare loop (this machine's speed drifts by 10-25%
 between minutes, so ratios across rounds would measure the drift).
 
-Threads: every process takes its share (`vastdet.engine.threads`: CPUs / processes on the
-node), the bare loops by the same rule, so the ratio measures the engine's own cost.
+Threads and memory: every process takes its share (`vastdet.engine.threads`: CPUs / processes
+on the node) and keeps freed memory for reuse (`keep_freed_memory`), the bare loops by the same
+rules, so the ratio measures the engine's own cost.
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def bare(model_name: str, shards: Path, batch: int, steps: int) -> float:
     from pipelines.transforms import no_augmentation
     from taxonomy import load_taxonomy
     from vastdet.config import load_config
-    from vastdet.engine.threads import set_threads
+    from vastdet.engine.threads import keep_freed_memory, set_threads
     from vastdet.models.build import ModelConfig, build_model
 
     set_threads()
+    keep_freed_memory()
     torch.manual_seed(0)
     tax = load_taxonomy(shards.parent / "tax.json")
     model, criterion, _ = build_model(

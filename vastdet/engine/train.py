@@ -26,7 +26,7 @@ from vastdet.engine.config import OptimConfig, TrainConfig, load_train_config
 from vastdet.engine.distributed import init_distributed, prepare_deepspeed
 from vastdet.engine.metrics import LOGGED_TERMS, RunLog
 from vastdet.engine.partitions import DataOnlyCheckpointEngine
-from vastdet.engine.threads import set_threads
+from vastdet.engine.threads import keep_freed_memory, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
     deepspeed = prepare_deepspeed()
     rank, world = init_distributed(deepspeed)
     set_threads(cfg.threads)
+    keep_freed_memory()
     from pipelines.loader import train_loader
     from pipelines.shards import ShardSet
     from pipelines.transforms import build_transforms
