@@ -1,4 +1,4 @@
-"""Each training process takes its share of the cores, no more.
+"""Each training process takes its share of the cores, no more, and reuses its memory.
 
 On a shared node, intra-op thread pools that together hold more runnable threads than there are
 cores wait at every operator's barrier for a thread that is not running: a `dino_tiny` step took
@@ -9,6 +9,9 @@ or OMP_NUM_THREADS when the launcher sets it, divided by the training processes 
 (LOCAL_WORLD_SIZE from torchrun and Ray Train, LOCAL_SIZE from DeepSpeed's launcher). Loader
 workers decode with one thread each at a lower scheduling priority (`pipelines.loader`), so they
 fill the cycles the trainer leaves and yield the cores when it computes.
+
+Each training process also keeps the memory a step frees for the next step
+(`keep_freed_memory`), rather than handing it back to the system and faulting it in again.
 """
 
 from __future__ import annotations
