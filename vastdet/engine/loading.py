@@ -34,13 +34,13 @@ def consolidated_state(
 
 def _model_from_state(state: dict, config: dict, source: str):
     from vastdet.config import from_dict
+    from vastdet.models.backbone import SWINS
     from vastdet.models.build import ModelConfig, build_model
 
     settings = dict(config["model"])
     # runs written before `backbone_norm` existed kept a ResNet's frozen batch norm
-    settings.setdefault(
-        "backbone_norm", "frozen_bn" if "swin" not in settings.get("backbone", "") else "auto"
-    )
+    if settings.get("backbone", ModelConfig.backbone) not in SWINS:
+        settings.setdefault("backbone_norm", "frozen_bn")
     model_cfg = from_dict(ModelConfig, settings, source, "model")
     # the trained weights replace any initial ones; the tree's edges are buffers in `state`
     model_cfg.backbone_weights = model_cfg.category_embeddings = model_cfg.init_from = None

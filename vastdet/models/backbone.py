@@ -82,6 +82,16 @@ def resnet_norm(norm: str, weights: str | None) -> str:
     return norm
 
 
+def resolve_norm(name: str, norm: str, weights: str | None) -> str:
+    """`norm` resolved for backbone `name`: Swin's own LayerNorm (`auto` or `layer_norm`), or
+    the ResNet's (`resnet_norm`)."""
+    if name in SWINS:
+        if norm not in ("auto", "layer_norm"):
+            raise ValueError(f"Swin backbones normalise with LayerNorm, not backbone_norm {norm!r}")
+        return "layer_norm"
+    return resnet_norm(norm, weights)
+
+
 class ResNetBackbone(nn.Module):
     """Features of stages 2-4 (strides 8, 16, 32) of a torchvision ResNet, normalised by `norm`
     (`resnet_norm`)."""
@@ -176,12 +186,11 @@ def build_backbone(
     drop_path: float | None = None,
     norm: str = "auto",
 ) -> nn.Module:
-    """A ResNet (`resnet18/34/50/101`, normalised by `norm`: `resnet_norm`) or Swin
-    (`swin_t/b/l`, with stochastic depth `drop_path`, 0.2 when None as in DINO) backbone by
-    name."""
+    """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/l`, with stochastic depth
+    `drop_path`, 0.2 when None as in DINO) backbone by name, normalised by `norm`
+    (`resolve_norm`)."""
+    norm = resolve_norm(name, norm, weights)
     if name in SWINS:
-        if norm not in ("auto", "layer_norm"):
-            raise ValueError(f"Swin backbones normalise with LayerNorm; backbone_norm {norm!r}")
         return SwinBackbone(name, weights, drop_path_rate=0.2 if drop_path is None else drop_path)
     if drop_path:
         raise ValueError(f"backbone_drop_path applies to Swin backbones, not {name}")

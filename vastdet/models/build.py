@@ -9,7 +9,7 @@ import torch
 
 from taxonomy.hierarchy import ALPHA_RULES
 from vastdet.config import at_least
-from vastdet.models.backbone import SWINS, build_backbone, resnet_norm
+from vastdet.models.backbone import build_backbone, resolve_norm
 from vastdet.models.category_queries import CORRELATIONS, CategoryQueries, initial_embeddings
 from vastdet.models.cq_dino import CQDINO, DN_LABELS, CategorySelector, ImageGuidedSelection
 from vastdet.models.criterion import (
@@ -105,14 +105,7 @@ class ModelConfig:
     diagnostics: bool = True  # log rho (eq. 3) and eta (eq. 4) on the classification logits
 
     def __post_init__(self) -> None:
-        if self.backbone in SWINS:
-            if self.backbone_norm not in ("auto", "layer_norm"):
-                raise ValueError(
-                    f"Swin backbones normalise with LayerNorm, not backbone_norm {self.backbone_norm!r}"
-                )
-            self.backbone_norm = "layer_norm"
-        else:
-            self.backbone_norm = resnet_norm(self.backbone_norm, self.backbone_weights)
+        self.backbone_norm = resolve_norm(self.backbone, self.backbone_norm, self.backbone_weights)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"architecture {self.architecture!r} is not available ({', '.join(ARCHITECTURES)})"
