@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,17 @@ def _pick_device(spec: EmbeddingSpec) -> torch.device:
     return torch.device("cpu")
 
 
+class _SaidAlready(logging.Filter):
+    """Drops another library's log records that repeat what our own message said."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def load_text_model(spec: EmbeddingSpec):
     """(model, tokenizer) for `spec`, from the local checkpoint or randomly initialised."""
     import open_clip
@@ -148,14 +160,19 @@ def load_text_model(spec: EmbeddingSpec):
     if spec.checkpoint is None:
         log.warning(
             "no OpenCLIP checkpoint given: %s is randomly initialised, so its category "
-            "embeddings carry no language knowledge (give `checkpoint` for real ones)",
+            "embeddings carry no language knowledge (give a local OpenCLIP file for real ones: `--checkpoint` on `vastdet taxonomy embed`)",
             spec.model,
         )
-    with torch.random.fork_rng(devices=[]):  # a random tower is the same one every run
-        torch.manual_seed(0)
-        model = open_clip.create_model(
-            spec.model, pretrained=spec.checkpoint, device=_pick_device(spec)
-        )
+    quiet = _SaidAlready("No pretrained weights loaded")  # open_clip's own, on the root logger
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):  # a random tower is the same one every run
+            torch.manual_seed(0)
+            model = open_clip.create_model(
+                spec.model, pretrained=spec.checkpoint, device=_pick_device(spec)
+            )
+    finally:
+        logging.getLogger().removeFilter(quiet)
     model.visual = None  # only the text tower is used
     model.eval()
     return model, open_clip.get_tokenizer(spec.model)
@@ -177,6 +194,61 @@ def encode_prompts(
         bar.update(tokens.shape[0])
     bar.close()
     return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[-1])
+
+
+TEXTS_PER_PASS = 4096  # distinct texts whose prompts are encoded together
+
+
+def accumulate_texts(
+    model, tokenizer, owners: dict[str, list[int]], rows: int, spec: EmbeddingSpec,
+    progress: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """[rows, D]: for each row, the sum over its texts and the templates of the L2-normalised
+    prompt embeddings. Each distinct text's prompts are encoded once and streamed into the
+    rows that hold it, so memory holds the [rows, D] result, not one entry per prompt."""
+    from tqdm import tqdm
+
+    texts = list(owners)
+    summed = None
+    bar = tqdm(
+        total=len(texts) * len(spec.templates), desc="encoding prompts", unit="prompt",
+        disable=not progress,
+    )  # fmt: skip
+    with keep_heap_flat():
+        for start in range(0, len(texts), TEXTS_PER_PASS):
+            chunk = texts[start : start + TEXTS_PER_PASS]
+            prompts = [template.format(t) for t in chunk for template in spec.templates]
+            encoded = encode_prompts(model, tokenizer, prompts, spec.batch_size, progress=False)
+            per_text = encoded.view(len(chunk), len(spec.templates), -1).sum(1)
+            if summed is None:
+                summed = torch.zeros(rows, per_text.shape[1])
+            index = [row for t in chunk for row in owners[t]]
+            repeat = torch.tensor([len(owners[t]) for t in chunk])
+            summed.index_add_(0, torch.tensor(index), per_text.repeat_interleave(repeat, 0))
+            bar.update(len(prompts))
+    bar.close()
+    return summed if summed is not None else torch.zeros(rows, 0)
+
+
+@contextmanager
+def keep_heap_flat():
+    """glibc's allocator raises its mmap threshold to the largest block freed so far, after
+    which every batch's activations come from the heap and fragment it: encoding a million
+    prompts grew by ~45 KB a prompt. A fixed threshold (which turns the raising off) hands
+    large blocks back to the system at once; the default is restored after. No-op off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        yield
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 256 * 1024)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 def embed_categories(
@@ -202,31 +274,23 @@ def embed_categories(
             return cached, Path(path)
         log.info("%s was computed with other settings; recomputing", path)
 
-    prompts, owner = [], []
+    owners: dict[str, list[int]] = {}  # each distinct text, once per time a category has it
     for row, category_texts_ in enumerate(texts):
         for text in category_texts_:
-            for template in spec.templates:
-                prompts.append(template.format(text))
-                owner.append(row)
-    unique = list(dict.fromkeys(prompts))
-    position = {p: i for i, p in enumerate(unique)}
-    log.info("%d categories, %d prompts, %d distinct", len(ids), len(prompts), len(unique))
+            owners.setdefault(text, []).append(row)
+    num_prompts = sum(len(t) for t in texts) * len(spec.templates)
+    distinct = len(owners) * len(spec.templates)
+    log.info("%d categories, %d prompts, %d distinct", len(ids), num_prompts, distinct)
     model, tokenizer = load_text_model(spec)
-    encoded = encode_prompts(model, tokenizer, unique, spec.batch_size, progress)
-    summed = torch.zeros(len(ids), encoded.shape[1])
-    summed.index_add_(
-        0,
-        torch.tensor(owner, dtype=torch.long),
-        encoded[torch.tensor([position[p] for p in prompts], dtype=torch.long)],
-    )
+    summed = accumulate_texts(model, tokenizer, owners, len(ids), spec, progress)
     result = CategoryEmbeddings(
         embeddings=torch.nn.functional.normalize(summed, dim=-1),
         category_ids=torch.tensor(ids, dtype=torch.int64),
         names=names,
         metadata={
             "key": key,
-            "num_prompts": len(prompts),
-            "num_distinct_prompts": len(unique),
+            "num_prompts": num_prompts,
+            "num_distinct_prompts": distinct,
             "random_init": spec.checkpoint is None,
         },
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -139,3 +141,92 @@ def test_embedding_file_format_is_checked(tmp_path):
     torch.save({"embeddings": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not a vastdet category-embedding file"):
         CategoryEmbeddings.load(path)
+
+
+PEAK_SCRIPT = """
+import sys, resource
+from taxonomy import Node, Taxonomy
+from taxonomy.embeddings import TINY_MODEL, EmbeddingSpec, embed_categories
+n = int(sys.argv[1])
+nodes = [Node("r", "root")]
+nodes += [Node(f"x{k}", f"thing {k} kind {k * 7919 % 100003}", ("r",), k + 1) for k in range(n)]
+tax = Taxonomy(nodes)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+spec = EmbeddingSpec(model=TINY_MODEL, templates=("a photo of a {}.", "art of the {}."))
+embed_categories(tax, spec, sys.argv[2], progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_embedding_memory_does_not_grow_with_the_number_of_prompts(tmp_path):
+    """Measured in fresh processes: 2,800 more prompts may cost their result rows and names,
+    not the ~45 KB a prompt that encoding them all at once with glibc's moving mmap threshold
+    cost (a million prompts did not fit in 18 GB)."""
+    import subprocess
+    import sys
+
+    grown = {}
+    for n in (600, 2000):
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(n), str(tmp_path / f"{n}.pt")],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        grown[n] = int(done.stdout.split()[-1]) * 1024  # ru_maxrss is in KB
+    per_prompt = (grown[2000] - grown[600]) / (2 * 1400)
+    assert per_prompt < 4096, f"{per_prompt:.0f} bytes a prompt"
+
+
+def test_shared_names_are_encoded_once_and_count_for_every_category_that_has_them():
+    from taxonomy.embeddings import TINY_MODEL, EmbeddingSpec, embed_categories, load_text_model
+
+    nodes = [Node("r", "root"), Node("a", "yawl", ("r",), 1), Node("b", "yawl", ("r",), 2)]
+    nodes.append(Node("c", "sloop", ("r",), 3, synonyms=("yawl",)))
+    tax = Taxonomy(nodes)
+    spec = EmbeddingSpec(model=TINY_MODEL, templates=("a {}.", "the {}."), use_synonyms=True)
+    result, _ = embed_categories(tax, spec, progress=False)
+    assert result.metadata["num_prompts"] == 8 and result.metadata["num_distinct_prompts"] == 4
+    model, tokenizer = load_text_model(spec)
+    with torch.no_grad():
+
+        def prompt(text):  # noqa: E306
+            return torch.nn.functional.normalize(model.encode_text(tokenizer([text])), dim=-1)[0]
+
+        yawl = prompt("a yawl.") + prompt("the yawl.")
+        sloop = prompt("a sloop.") + prompt("the sloop.")
+    expected = torch.nn.functional.normalize(torch.stack([yawl, yawl, sloop + yawl]), dim=-1)
+    torch.testing.assert_close(result.embeddings, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_openclip_files_as_downloaded_load_and_give_that_models_embeddings(tmp_path):
+    """The two files an OpenCLIP model's page offers, `open_clip_pytorch_model.bin` and
+    `open_clip_model.safetensors`, written by open_clip's own `save_for_hf` from a randomly
+    initialised model of a config open_clip ships; each loads as `--checkpoint` and gives the
+    text embeddings that model gives."""
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.push_to_hf_hub import save_for_hf
+
+    from taxonomy.embeddings import EmbeddingSpec, embed_categories
+
+    class NoTokenizerFiles:  # open_clip's own BPE tokenizer ships in the package
+        def save_pretrained(self, directory):
+            pass
+
+    name = "ViT-S-32-alt"
+    torch.manual_seed(1)
+    model = open_clip.create_model(name, pretrained=None).eval()
+    save_for_hf(model, NoTokenizerFiles(), open_clip.get_model_config(name), tmp_path)
+    tax = Taxonomy([Node("r", "root"), Node("a", "yawl", ("r",), 1), Node("b", "sloop", ("r",), 2)])
+    tokenizer = open_clip.get_tokenizer(name)
+    with torch.no_grad():
+        text = tokenizer(["a photo of a yawl.", "a photo of a sloop."])
+        expected = torch.nn.functional.normalize(model.encode_text(text).float(), dim=-1)
+    for file in (HF_WEIGHTS_NAME, HF_SAFE_WEIGHTS_NAME):
+        spec = EmbeddingSpec(
+            model=name, checkpoint=str(tmp_path / file), templates=("a photo of a {}.",)
+        )
+        result, _ = embed_categories(tax, spec, progress=False)
+        torch.testing.assert_close(result.embeddings, expected, atol=1e-5, rtol=1e-5)
+        assert result.metadata["random_init"] is False
