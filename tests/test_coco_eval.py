@@ -288,3 +288,28 @@ def test_unsorted_max_dets_are_sorted_and_recall_is_named_by_its_max_det():
     v3det = evaluate_boxes(gt, results, max_dets=(1, 10, 300))
     assert "AR300" in v3det.stats and "AR100" not in v3det.stats
     assert v3det.stats["AR300"] >= ours.stats["AR100"]
+
+
+def test_results_files_stream_to_arrays_and_evaluate_as_the_dicts_do(tmp_path):
+    """A results file written from arrays reads back to the same arrays whatever its layout
+    (one line, keys in any order, extra keys), and arrays score as the dicts do."""
+    import json
+
+    from vastdet.evaluation.coco import BoxArrays
+    from vastdet.evaluation.results_file import read_results, write_results
+
+    gt, results = generate(5, images=30, cats=9)
+    arrays = BoxArrays.from_results(results)
+    path = write_results(tmp_path / "results.json", arrays, rows=7)  # several blocks
+    assert json.loads(path.read_text()) == results  # plain JSON, one detection per line
+    back = read_results(path)
+    for name in ("image_ids", "category_ids", "boxes", "scores"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(arrays, name))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"score": r["score"], "segmentation": [], **r} for r in results]))
+    assert np.array_equal(read_results(other).boxes, arrays.boxes)
+    assert evaluate_boxes(gt, back).stats == evaluate_boxes(gt, results).stats
+    (tmp_path / "bad.json").write_text('[{"image_id": 1, "bbox": [1, 2, 3, 4]}]')
+    with pytest.raises(ValueError, match="not a COCO result"):
+        read_results(tmp_path / "bad.json")
+    assert len(read_results(write_results(tmp_path / "empty.json", BoxArrays.empty()))) == 0

@@ -133,148 +133,275 @@ def category_descendants(taxonomy) -> dict[int, set[int]]:
     return below
 
 
+@dataclass
+class BoxArrays:
+    """Boxes as arrays, one row each: what detections and ground truths are inside evaluation
+    (a dict per box costs ~1 KB; 9 million detections do not fit as dicts). Detections leave
+    `area`, `iscrowd` and `ids` empty; ground truths leave `score` empty."""
+
+    image_ids: np.ndarray  # [N] int64
+    category_ids: np.ndarray  # [N] int64
+    boxes: np.ndarray  # [N, 4] float64, xywh pixels
+    scores: np.ndarray | None = None  # [N] float64
+    areas: np.ndarray | None = None  # [N] float64
+    iscrowd: np.ndarray | None = None  # [N] bool
+    ids: np.ndarray | None = None  # [N] float64 (COCO annotation ids)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def take(self, index: np.ndarray) -> BoxArrays:
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return BoxArrays(
+            self.image_ids[index], self.category_ids[index], self.boxes[index],
+            pick(self.scores), pick(self.areas), pick(self.iscrowd), pick(self.ids),
+        )  # fmt: skip
+
+    @classmethod
+    def concat(cls, parts: list[BoxArrays]) -> BoxArrays:
+        """One set of rows from many (e.g. every batch's detections, every rank's)."""
+        parts = [p for p in parts if len(p)] or parts[:1]
+        if not parts:
+            return cls.empty()
+
+        def joined(name: str):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate(values)
+
+        return cls(*(joined(f) for f in FIELDS))
+
+    @classmethod
+    def empty(cls) -> BoxArrays:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0))
+
+    def relabel(self, mapping: dict[int, int]) -> BoxArrays:
+        """The same rows with their category ids mapped (every id must be a key)."""
+        keys = np.array(sorted(mapping), dtype=np.int64)
+        values = np.array([mapping[k] for k in keys.tolist()], dtype=np.int64)
+        index = np.searchsorted(keys, self.category_ids)
+        if len(self.category_ids) and not np.array_equal(
+            keys[np.minimum(index, len(keys) - 1)], self.category_ids
+        ):
+            raise KeyError("a category id has no mapping")
+        out = self.take(np.arange(len(self)))
+        out.category_ids = values[index]
+        return out
+
+    def result_dicts(self) -> list[dict]:
+        """COCO result dicts (image_id, category_id, bbox, score): for small sets only."""
+        return [
+            {"image_id": i, "category_id": c, "bbox": b, "score": s}
+            for i, c, b, s in zip(
+                self.image_ids.tolist(), self.category_ids.tolist(), self.boxes.tolist(),
+                self.scores.tolist(),
+            )
+        ]  # fmt: skip
+
+    @classmethod
+    def from_results(cls, results: list[dict]) -> BoxArrays:
+        return cls(
+            np.array([r["image_id"] for r in results], dtype=np.int64),
+            np.array([r["category_id"] for r in results], dtype=np.int64),
+            np.array([r["bbox"] for r in results], dtype=np.float64).reshape(-1, 4),
+            np.array([r["score"] for r in results], dtype=np.float64),
+        )
+
+    @classmethod
+    def from_annotations(cls, anns: list[dict]) -> BoxArrays:
+        return cls(
+            np.array([a["image_id"] for a in anns], dtype=np.int64),
+            np.array([a["category_id"] for a in anns], dtype=np.int64),
+            np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4),
+            None,
+            np.array([a["area"] for a in anns], dtype=np.float64),
+            np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
+            np.array([a["id"] for a in anns], dtype=np.float64),
+        )
+
+
+FIELDS = ("image_ids", "category_ids", "boxes", "scores", "areas", "iscrowd", "ids")
+
+
 def _v3det_ignored_copies(
-    anns: list[dict], results: list[dict], descendants: dict[int, set[int]]
-) -> list[dict]:
+    gts: BoxArrays, dets: BoxArrays, descendants: dict[int, set[int]]
+) -> tuple[BoxArrays, np.ndarray]:
     """V3Det's rule: a ground truth of category A gets an ignored copy in every descendant
     category C of A that has detections in the same image, so a finer-grained detection on it
     is neither a true nor a false positive (copies keep the original's id, as V3Det's do).
-    `results` hold evaluated categories only."""
-    detected = {(r["image_id"], r["category_id"]) for r in results}
-    copies = []
-    for a in anns:
-        for child in sorted(descendants.get(a["category_id"], ())):
-            if (a["image_id"], child) in detected:
-                copies.append({**a, "category_id": child, "_ignored_copy": True})
-    return copies
+    `dets` hold evaluated categories only. Returns the ground truths with the copies appended
+    and a flag per row marking the copies."""
+    ancestors: dict[int, list[int]] = {}
+    for parent, below in descendants.items():
+        for child in below:
+            ancestors.setdefault(child, []).append(parent)
+    by_pair: dict[tuple[int, int], list[int]] = {}
+    for row, pair in enumerate(zip(gts.image_ids.tolist(), gts.category_ids.tolist())):
+        by_pair.setdefault(pair, []).append(row)
+    detected = set(zip(dets.image_ids.tolist(), dets.category_ids.tolist()))
+    rows, cats = [], []
+    for image, child in sorted(detected):
+        for parent in ancestors.get(child, ()):
+            for row in by_pair.get((image, parent), ()):
+                rows.append(row)
+                cats.append(child)
+    order = np.lexsort((np.array(cats, dtype=np.int64), np.array(rows, dtype=np.int64)))
+    rows_a, cats_a = np.array(rows, dtype=np.int64)[order], np.array(cats, dtype=np.int64)[order]
+    copies = gts.take(rows_a)
+    copies.category_ids = cats_a
+    merged = BoxArrays.concat([gts, copies]) if len(copies) else gts
+    return merged, np.concatenate([np.zeros(len(gts), bool), np.ones(len(copies), bool)])
 
 
 def evaluate_boxes(
     gt: dict,
-    results: list[dict],
+    results: list[dict] | BoxArrays,
     max_dets: tuple[int, ...] = (1, 10, 100),
     descendants: dict[int, set[int]] | None = None,
 ) -> BoxEvaluation:
-    """Evaluate COCO-format detections against a COCO-format ground-truth document.
+    """Evaluate detections (COCO result dicts, or `BoxArrays`) against a COCO-format
+    ground-truth document (see `evaluate_arrays`)."""
+    dets = results if isinstance(results, BoxArrays) else BoxArrays.from_results(results)
+    return evaluate_arrays(
+        [img["id"] for img in gt["images"]],
+        [c["id"] for c in gt["categories"]],
+        BoxArrays.from_annotations(gt["annotations"]),
+        dets,
+        max_dets,
+        descendants,
+    )
 
-    `descendants` (category id -> ids below it, see `category_descendants`) turns on the V3Det
-    protocol's hierarchy rule; V3Det evaluates 300 detections per image: `max_dets=(1, 10, 300)`.
-    """
+
+THRESHOLD_BITS = 1 << np.arange(len(IOU_THRESHOLDS), dtype=np.uint16)
+
+
+def evaluate_arrays(
+    image_ids,
+    category_ids,
+    gts: BoxArrays,
+    dets: BoxArrays,
+    max_dets: tuple[int, ...] = (1, 10, 100),
+    descendants: dict[int, set[int]] | None = None,
+) -> BoxEvaluation:
+    """Evaluate detections against ground truths, both as arrays, over the given images and
+    categories. `descendants` (category id -> ids below it, see `category_descendants`) turns
+    on the V3Det protocol's hierarchy rule; V3Det evaluates 300 detections per image:
+    `max_dets=(1, 10, 300)`.
+
+    Only (category, image) pairs that hold both a ground truth and a detection are matched one
+    by one; a detection alone in its pair is a false positive (or ignored outside an area
+    range) whatever the threshold, decided for all of them at once. Each detection's outcome
+    per IoU threshold is kept as bits, so memory grows by a few bytes a detection."""
     max_dets = tuple(sorted(max_dets))  # as pycocotools sorts its maxDets
-    image_ids = sorted(img["id"] for img in gt["images"])
-    category_ids = sorted(c["id"] for c in gt["categories"])
-    img_index = {i: n for n, i in enumerate(image_ids)}
-    cat_index = {c: n for n, c in enumerate(category_ids)}
+    image_ids = np.array(sorted(image_ids), dtype=np.int64)
+    category_ids = np.array(sorted(category_ids), dtype=np.int64)
     n_img = len(image_ids)
-    unknown_images = {r["image_id"] for r in results} - set(img_index)
-    if unknown_images:
-        raise ValueError(
-            f"results name images not in the ground truth: {sorted(unknown_images)[:10]}"
-        )
-    kept = [r for r in results if r["category_id"] in cat_index]  # as pycocotools' catIds
-    anns = list(gt["annotations"])
+    unknown = np.setdiff1d(dets.image_ids, image_ids)
+    if len(unknown):
+        raise ValueError(f"results name images not in the ground truth: {unknown[:10].tolist()}")
+    dets = dets.take(np.flatnonzero(np.isin(dets.category_ids, category_ids)))  # as catIds
+    copy = np.zeros(len(gts), dtype=bool)
     if descendants:
-        anns += _v3det_ignored_copies(anns, kept, descendants)
-    g_key = np.array(
-        [cat_index[a["category_id"]] * n_img + img_index[a["image_id"]] for a in anns],
-        dtype=np.int64,
-    )
-    g_box = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    g_area = np.array([a["area"] for a in anns], dtype=np.float64)
-    g_crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-    g_copy = np.array([a.get("_ignored_copy", False) for a in anns], dtype=bool)
-    g_id = np.array([a["id"] for a in anns], dtype=np.float64)
-    d_key = np.array(
-        [cat_index[r["category_id"]] * n_img + img_index[r["image_id"]] for r in kept],
-        dtype=np.int64,
-    )
-    d_box = np.array([r["bbox"] for r in kept], dtype=np.float64).reshape(-1, 4)
-    d_score = np.array([r["score"] for r in kept], dtype=np.float64)
+        gts, copy = _v3det_ignored_copies(gts, dets, descendants)
+    g_cat = np.searchsorted(category_ids, gts.category_ids)
+    g_key = g_cat * n_img + np.searchsorted(image_ids, gts.image_ids)
+    d_cat = np.searchsorted(category_ids, dets.category_ids)
+    d_key = d_cat * n_img + np.searchsorted(image_ids, dets.image_ids)
+    # detections by (category, image), then score descending (stable); each one's rank there
+    d_order = np.lexsort((-dets.scores, d_key))
+    d_key = d_key[d_order]
+    first = np.searchsorted(d_key, d_key, "left")
+    rank = np.arange(len(d_key)) - first
+    keep = rank < max(max_dets)
+    d_order, d_key, rank = d_order[keep], d_key[keep], rank[keep]
+    d_box, d_score = dets.boxes[d_order], dets.scores[d_order]
     d_area = d_box[:, 2] * d_box[:, 3]
-
-    g_order = np.argsort(g_key, kind="mergesort")
-    d_order = np.lexsort((-d_score, d_key))  # by group, then score descending; stable
-    keys = np.union1d(g_key, d_key)
-    g_start = np.searchsorted(g_key[g_order], keys, "left")
-    g_stop = np.searchsorted(g_key[g_order], keys, "right")
-    d_start = np.searchsorted(d_key[d_order], keys, "left")
-    d_stop = np.searchsorted(d_key[d_order], keys, "right")
     areas = list(AREA_RANGES.values())
-    top = max(max_dets)
-    per_group = []  # (category index, [per area: (dtm, dt_ignore, gt_ignore)], scores)
-    for k, key in enumerate(keys.tolist()):
+    # outcome bits per area: matched (true positive) and ignored, one bit per IoU threshold;
+    # a detection without a ground truth in its pair is unmatched, ignored outside the range
+    every = np.uint16(THRESHOLD_BITS.sum())
+    tp_bits = np.zeros((len(areas), len(d_key)), dtype=np.uint16)
+    ig_bits = np.stack(
+        [np.where((d_area < lo) | (d_area > hi), every, np.uint16(0)) for lo, hi in areas]
+    )
+    g_order = np.argsort(g_key, kind="mergesort")
+    g_sorted = g_key[g_order]
+    both = np.intersect1d(g_sorted, d_key)
+    g_start, g_stop = (
+        np.searchsorted(g_sorted, both, "left"),
+        np.searchsorted(g_sorted, both, "right"),
+    )
+    d_start, d_stop = np.searchsorted(d_key, both, "left"), np.searchsorted(d_key, both, "right")
+    g_area, g_crowd, g_id = gts.areas, gts.iscrowd, gts.ids
+    for k in range(len(both)):
         gi = g_order[g_start[k] : g_stop[k]]
-        di = d_order[d_start[k] : d_stop[k]][:top]
+        ds = slice(d_start[k], d_stop[k])
         crowd = g_crowd[gi]
-        ious = (
-            _box_iou(d_box[di], g_box[gi], crowd)
-            if len(gi) and len(di)
-            else np.zeros((len(di), len(gi)))
-        )
-        by_area = []
-        for lo, hi in areas:
-            ignore = crowd | g_copy[gi] | (g_area[gi] < lo) | (g_area[gi] > hi)
+        ious = _box_iou(d_box[ds], gts.boxes[gi], crowd)
+        for a, (lo, hi) in enumerate(areas):
+            ignore = crowd | copy[gi] | (g_area[gi] < lo) | (g_area[gi] > hi)
             order = np.argsort(ignore, kind="mergesort")
             dtm, dt_ig = _match(
-                ious[:, order],
-                ignore[order].tolist(),
-                crowd[order].tolist(),
-                g_id[gi][order].tolist(),
-                d_area[di],
-                (lo, hi),
-            )
-            by_area.append((dtm, dt_ig, ignore[order]))
-        per_group.append((key // n_img, by_area, d_score[di]))
-    present = sorted({g[0] for g in per_group})
-    compact = {c: k for k, c in enumerate(present)}
-    per_group = [(compact[c], by_area, scores) for c, by_area, scores in per_group]
-    return _accumulate(per_group, len(present), [category_ids[c] for c in present], max_dets)
+                ious[:, order], ignore[order].tolist(), crowd[order].tolist(),
+                g_id[gi][order].tolist(), d_area[ds], (lo, hi),
+            )  # fmt: skip
+            tp_bits[a, ds] = ((dtm != 0) & ~dt_ig).T @ THRESHOLD_BITS
+            ig_bits[a, ds] = dt_ig.T @ THRESHOLD_BITS
+    # non-ignored ground truths per (category, area)
+    npig = np.zeros((len(category_ids), len(areas)), dtype=np.int64)
+    for a, (lo, hi) in enumerate(areas):
+        counted = ~(g_crowd | copy | (g_area < lo) | (g_area > hi))
+        npig[:, a] = np.bincount(g_cat[counted], minlength=len(category_ids))
+    d_cat = d_key // n_img
+    present = np.union1d(np.unique(g_cat), np.unique(d_cat))
+    return _accumulate(
+        present, d_cat, rank, d_score, tp_bits, ig_bits, npig,
+        category_ids[present].tolist(), max_dets,
+    )  # fmt: skip
 
 
-def _accumulate(per_group, n_cat, category_ids, max_dets) -> BoxEvaluation:
+def _accumulate(
+    present, d_cat, rank, d_score, tp_bits, ig_bits, npig, category_ids, max_dets
+) -> BoxEvaluation:
+    """Precision and recall per present category from each detection's outcome bits;
+    detections come ordered by (category, image, score descending)."""
     t_n, r_n, a_n, m_n = (
         len(IOU_THRESHOLDS),
         len(RECALL_THRESHOLDS),
         len(AREA_RANGES),
         len(max_dets),
     )
-    precision = -np.ones((t_n, r_n, n_cat, a_n, m_n))
-    recall = -np.ones((t_n, n_cat, a_n, m_n))
-    start = 0
-    while start < len(per_group):
-        cat = per_group[start][0]
-        stop = start
-        while stop < len(per_group) and per_group[stop][0] == cat:
-            stop += 1
-        groups = per_group[start:stop]  # this category's images, in image order
+    precision = -np.ones((t_n, r_n, len(present), a_n, m_n))
+    recall = -np.ones((t_n, len(present), a_n, m_n))
+    starts = np.searchsorted(d_cat, present, "left")
+    stops = np.searchsorted(d_cat, present, "right")
+    shifts = np.arange(t_n, dtype=np.uint16)[:, None]
+    for k, cat in enumerate(present.tolist()):
+        segment = slice(starts[k], stops[k])
         for a in range(a_n):
-            gt_ig = np.concatenate([g[1][a][2] for g in groups])
-            npig = int(np.count_nonzero(~gt_ig))
-            if npig == 0:
+            if npig[cat, a] == 0:
                 continue
             for m, max_det in enumerate(max_dets):
-                scores = np.concatenate([g[2][:max_det] for g in groups])
-                order = np.argsort(-scores, kind="mergesort")
-                dtm = np.concatenate([g[1][a][0][:, :max_det] for g in groups], axis=1)[:, order]
-                dt_ig = np.concatenate([g[1][a][1][:, :max_det] for g in groups], axis=1)[:, order]
-                tps = np.cumsum(np.logical_and(dtm, ~dt_ig), axis=1).astype(float)
-                fps = np.cumsum(np.logical_and(~dtm.astype(bool), ~dt_ig), axis=1).astype(float)
-                nd = tps.shape[1]
+                within = rank[segment] < max_det  # the image order is kept: COCOeval's
+                order = np.argsort(-d_score[segment][within], kind="mergesort")
+                tp = ((tp_bits[a, segment][within][order] >> shifts) & 1).astype(bool)
+                ig = ((ig_bits[a, segment][within][order] >> shifts) & 1).astype(bool)
+                nd = tp.shape[1]
                 if nd == 0:
-                    recall[:, cat, a, m] = 0
-                    precision[:, :, cat, a, m] = 0
+                    recall[:, k, a, m] = 0
+                    precision[:, :, k, a, m] = 0
                     continue
-                rc = tps / npig
+                tps = np.cumsum(tp, axis=1).astype(float)
+                fps = np.cumsum(~tp & ~ig, axis=1).astype(float)
+                rc = tps / npig[cat, a]
                 pr = tps / (fps + tps + np.spacing(1))
-                recall[:, cat, a, m] = rc[:, -1]
-                pr = np.flip(np.maximum.accumulate(np.flip(pr, 1), axis=1), 1)  # precision envelope
+                recall[:, k, a, m] = rc[:, -1]
+                pr = np.flip(np.maximum.accumulate(np.flip(pr, 1), axis=1), 1)  # envelope
                 for t in range(t_n):
                     idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
                     valid = idx < nd
                     q = np.zeros(r_n)
                     q[valid] = pr[t, idx[valid]]
-                    precision[t, :, cat, a, m] = q
-        start = stop
+                    precision[t, :, k, a, m] = q
     return BoxEvaluation(
         precision, recall, _summarize(precision, recall, max_dets), category_ids, tuple(max_dets)
     )

@@ -37,20 +37,23 @@ def predict_images(
     batch_size: int = 2,
     draw_threshold: float = 0.3,
     categories: str | os.PathLike | None = None,
+    max_detections: int | None = None,
 ) -> tuple[list[dict], int | None]:
     """COCO result dicts (image_id = position in `images`, plus `file_name`, boxes clipped to
     the image) written to `output`, and with `draw_dir` one PNG per image with the detections
     scoring >= draw_threshold (and how many those were; None without `draw_dir`). Category
     names come from `categories`, else the run's category file, else the one its training
-    shards' manifest names."""
+    shards' manifest names. Each image keeps `max_detections`, by default as many as
+    `vastdet eval` keeps under its default protocol (COCO's 100, or the model's own if more)."""
     from vastdet.engine.loading import load_model
-    from vastdet.evaluation.runner import eval_transforms, write_json
+    from vastdet.evaluation.runner import PROTOCOLS, eval_transforms, write_json
 
     model, post, config = load_model(model_path)
     if post is None:
         raise ValueError(
             f"{model_path} is a stage-1 category selector: it ranks categories, it has no boxes"
         )
+    post.max_detections = max_detections or max(post.max_detections, PROTOCOLS["coco"][-1])
     transforms = eval_transforms(config, str(model_path))
     device = next(model.parameters()).device
     paths = [Path(p) for p in images]

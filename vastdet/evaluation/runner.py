@@ -24,11 +24,14 @@ from vastdet.config import at_least
 from vastdet.evaluation import IncompleteEvaluationError
 from vastdet.evaluation.coco import (
     STAT_NAMES,
+    BoxArrays,
     category_descendants,
     evaluate_boxes,
     novel_split,
     split_ap,
 )
+from vastdet.evaluation.results_file import write_results
+from vastdet.evaluation.selection import prior_recall
 from vastdet.evaluation.slices import frequency_groups, level_map, relabel
 
 log = logging.getLogger(__name__)
@@ -58,16 +61,24 @@ class EvalConfig:
 
 @dataclass
 class PassRecord:
-    """One rank's evaluation pass: COCO detections, image entries and ground-truth annotations,
+    """One rank's evaluation pass: detections (arrays, a part per batch; `results` joins them),
+    image entries and ground-truth annotations,
     [selected, present] (image, ground-truth category) pairs (CQ-DINO's AR^C; [0, 0] without
-    selection), and how often each query index's final-layer prediction was matched to a
-    ground truth (empty without a matcher)."""
+    selection), the selector's per-image AUC summed over the images that have one and their
+    count, C' (0 without selection), and how often each query index's final-layer prediction
+    was matched to a ground truth (empty without a matcher)."""
 
-    results: list[dict] = field(default_factory=list)
+    detections: list[BoxArrays] = field(default_factory=list)
     images: list[dict] = field(default_factory=list)
     annotations: list[dict] = field(default_factory=list)
     recall: list[int] = field(default_factory=lambda: [0, 0])
+    auc: list[float] = field(default_factory=lambda: [0.0, 0])
+    num_selected: int = 0
     query_uses: list[int] = field(default_factory=list)
+
+    @property
+    def results(self) -> BoxArrays:
+        return BoxArrays.concat(self.detections)
 
 
 def gini(counts) -> float:
@@ -96,18 +107,25 @@ def predict_pass(
     record, uses = PassRecord(), None
     for batch in loader:
         outputs = forward(batch.images.to(device), batch.masks.to(device))
+        if outputs.get("category_ids") is not None and outputs["category_ids"].dim() == 2:
+            record.num_selected = int(outputs["category_ids"].shape[1])
         if batch.empty:
             continue
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
         ids = [int(t["image_id"]) for t in batch.targets]
         if post is not None:
-            record.results.extend(post.coco_results(outputs, sizes, ids))
+            record.detections.append(detection_arrays(post, outputs, sizes, ids))
         if matcher is not None and "pred_boxes" in outputs:
             n = outputs["pred_logits"].shape[1]
             uses = uses if uses is not None else torch.zeros(n, dtype=torch.int64)
             for queries, _ in matcher(outputs, column_targets(outputs, batch.targets)):
                 uses += torch.bincount(queries, minlength=n)
         selected = outputs.get("category_ids")
+        if "selection_logits" in outputs:
+            aucs = selector_auc(outputs, batch.targets)
+            aucs = aucs[~aucs.isnan()]
+            record.auc[0] += float(aucs.sum())
+            record.auc[1] += len(aucs)
         for b, (image_id, target) in enumerate(zip(ids, batch.targets)):
             height, width = (int(v) for v in target["orig_size"])
             record.images.append({"id": image_id, "height": height, "width": width})
@@ -118,6 +136,37 @@ def predict_pass(
                 record.recall[1] += len(present)
     record.query_uses = uses.tolist() if uses is not None else []
     return record
+
+
+def detection_arrays(post, outputs: dict, sizes: torch.Tensor, image_ids: list[int]) -> BoxArrays:
+    """A batch's detections as arrays (`PostProcess.coco_boxes`), not a dict per detection."""
+    parts = []
+    for image_id, (scores, labels, xywh) in zip(image_ids, post.coco_boxes(outputs, sizes)):
+        parts.append(
+            BoxArrays(
+                np.full(len(scores), image_id, dtype=np.int64),
+                labels.numpy().astype(np.int64),
+                xywh.double().numpy(),
+                scores.double().numpy(),
+            )
+        )
+    return BoxArrays.concat(parts)
+
+
+def selector_auc(outputs: dict, targets: list[dict]) -> torch.Tensor:
+    """Each image's AUC of the selection logits [B, C], its ground-truth categories against
+    the rest ([B]; NaN for an image without ground truth)."""
+    from vastdet.evaluation.selection import per_image_auc
+
+    logits, ids = outputs["selection_logits"], outputs["all_category_ids"].to("cpu")
+    positive = torch.zeros(logits.shape, dtype=torch.bool)
+    for b, target in enumerate(targets):
+        present = torch.as_tensor(
+            [a["category_id"] for a in target["annotations"]], dtype=torch.int64
+        )
+        rows = torch.searchsorted(ids, present)
+        positive[b, rows[rows < len(ids)]] = True
+    return per_image_auc(logits.detach().to("cpu"), positive)
 
 
 def gather_to_rank0(items: list) -> list | None:
@@ -162,7 +211,7 @@ def ground_truth(images: list[dict], annotations: list[dict], category_ids: Sequ
 
 
 def score(
-    results: list[dict],
+    results: BoxArrays | list[dict],
     images: list[dict],
     annotations: list[dict],
     category_ids: Sequence[int],
@@ -179,6 +228,8 @@ def score(
         raise ValueError("the v3det protocol needs the category hierarchy (a taxonomy file)")
     if levels and taxonomy is None:
         raise ValueError("AP by hierarchy level needs the category hierarchy (a taxonomy file)")
+    if not isinstance(results, BoxArrays):
+        results = BoxArrays.from_results(results)
     gt = ground_truth(images, annotations, category_ids)
     descendants = category_descendants(taxonomy) if protocol == "v3det" else None
     evaluation = evaluate_boxes(gt, results, PROTOCOLS[protocol], descendants)
@@ -192,7 +243,7 @@ def score(
         mapping = level_map(taxonomy, depth)
         coarse = sorted(set(mapping.values()))
         level_gt = ground_truth(images, relabel(annotations, mapping), coarse)
-        stats = evaluate_boxes(level_gt, relabel(results, mapping), PROTOCOLS[protocol]).stats
+        stats = evaluate_boxes(level_gt, results.relabel(mapping), PROTOCOLS[protocol]).stats
         metrics.update({f"AP_level{depth}": stats["AP"], f"AP50_level{depth}": stats["AP50"]})
     metrics.update(images=len(gt["images"]), detections=len(results))
     return metrics
@@ -210,8 +261,8 @@ def evaluate_model(
     output_dir: str | os.PathLike | None = None,
     matcher=None,
     category_images: Mapping[int, int] | None = None,
-) -> tuple[dict[str, float], list[dict]] | None:
-    """(metrics, detections) on rank 0, None elsewhere; rank 0 also writes `metrics.json` and
+) -> tuple[dict[str, float], BoxArrays] | None:
+    """(metrics, detections as arrays) on rank 0, None elsewhere; rank 0 also writes `metrics.json` and
     `results.json` to `output_dir` when given. Every rank must call this. The postprocessor
     keeps at least the protocol's detections per image. With `matcher`, the metrics include
     `query_gini`: the Gini coefficient of how often each query index is matched to a ground
@@ -230,14 +281,16 @@ def evaluate_model(
         val_shards, cfg.batch_size, transforms, cfg.num_workers, categories=category_ids
     )
     record = predict_pass(forward, loader, post, device, matcher)
-    results = gather_to_rank0(record.results)
+    results = gather_to_rank0([record.results])
     images = gather_to_rank0(record.images)
     annotations = gather_to_rank0(record.annotations)
     recall = gather_to_rank0([record.recall])
+    auc = gather_to_rank0([record.auc])
     uses = gather_to_rank0([record.query_uses])
     skipped = gather_to_rank0([loader.skipped()])
     if results is None:
         return None
+    results = BoxArrays.concat(results)
     selected, present = (sum(r[i] for r in recall) for i in (0, 1))
     if post is None:
         metrics = {"images": len(images)}
@@ -254,6 +307,15 @@ def evaluate_model(
         )
     if present:
         metrics["AR_C"] = selected / present  # ground-truth categories kept by the selection
+        if category_images:  # the same count of the most frequent training categories
+            per_image = {}
+            for a in annotations:
+                per_image.setdefault(a["image_id"], set()).add(a["category_id"])
+            metrics["AR_C_prior"] = prior_recall(
+                per_image.values(), category_images, record.num_selected
+            )
+    if sum(a[1] for a in auc):
+        metrics["selector_AUC"] = sum(a[0] for a in auc) / sum(a[1] for a in auc)
     uses = [u for u in uses if u]
     if uses:  # per query index, summed over ranks
         metrics["query_gini"] = gini(np.sum(uses, axis=0))
@@ -264,7 +326,7 @@ def evaluate_model(
         log.warning("evaluation skipped samples: %s", metrics["skipped"])
     if output_dir is not None:
         write_json(Path(output_dir) / "metrics.json", metrics)
-        write_json(Path(output_dir) / "results.json", results)
+        write_results(Path(output_dir) / "results.json", results)
         if cfg.levels and post is not None:
             plot_levels(metrics, cfg.levels, Path(output_dir) / "ap_by_level.png")
     if len(images) < expected and not cfg.allow_partial:
@@ -296,7 +358,7 @@ def eval_transforms(config: dict, source: str) -> Callable:
 
 def plot_levels(metrics: dict, levels: Sequence[int], path: Path) -> Path:
     """A chart of AP and AP50 against the hierarchy depth they were scored at."""
-    from vastdet.engine.plot import pyplot, save_figure
+    from vastdet.engine.plot import outside_legend, pyplot, save_figure
 
     plt = pyplot()
 
@@ -307,7 +369,7 @@ def plot_levels(metrics: dict, levels: Sequence[int], path: Path) -> Path:
     ax.set(xlabel="hierarchy depth (categories mapped to their ancestor there)", ylabel="AP")
     ax.set_xticks(depths)
     ax.grid(alpha=0.3)
-    ax.legend()
+    outside_legend(ax)
     return save_figure(fig, path)
 
 
@@ -351,8 +413,9 @@ def run_eval(
     from pipelines.shards import ShardSet
     from pipelines.sources import is_url
     from vastdet.engine.distributed import init_distributed, prepare_deepspeed
-    from vastdet.engine.loading import load_model
+    from vastdet.engine.loading import check_run_dir, load_model
 
+    check_run_dir(model_path)  # before joining a process group: a wrong path fails at once
     if categories is not None and not is_url(categories) and not Path(categories).is_file():
         raise FileNotFoundError(f"no category file {categories}")
     rank, _ = init_distributed(prepare_deepspeed())

@@ -38,16 +38,25 @@ class PostProcess:
             for i in range(b)
         ]
 
+    @torch.no_grad()
+    def coco_boxes(self, outputs: dict, orig_sizes: torch.Tensor) -> list[tuple]:
+        """Per image (scores [k], category ids [k], boxes [k, 4] as COCO's x, y, w, h in
+        original pixels), on the CPU: the detections evaluation and results files hold."""
+        out = []
+        for det in self(outputs, orig_sizes):
+            xywh = torch.cat([det["boxes"][:, :2], det["boxes"][:, 2:] - det["boxes"][:, :2]], 1)
+            out.append((det["scores"].cpu(), det["labels"].cpu(), xywh.cpu()))
+        return out
+
     def coco_results(
         self, outputs: dict, orig_sizes: torch.Tensor, image_ids: list[int]
     ) -> list[dict]:
         """COCO-format result dicts: image_id, category_id, bbox [x, y, w, h], score."""
         results = []
-        for image_id, det in zip(image_ids, self(outputs, orig_sizes)):
-            xywh = torch.cat([det["boxes"][:, :2], det["boxes"][:, 2:] - det["boxes"][:, :2]], 1)
-            for score, label, box in zip(
-                det["scores"].tolist(), det["labels"].tolist(), xywh.tolist()
-            ):
+        for image_id, (scores, labels, xywh) in zip(
+            image_ids, self.coco_boxes(outputs, orig_sizes)
+        ):
+            for score, label, box in zip(scores.tolist(), labels.tolist(), xywh.tolist()):
                 results.append(
                     {
                         "image_id": int(image_id),
