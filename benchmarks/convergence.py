@@ -93,10 +93,10 @@ def easy_dataset(work: Path, categories: int, train: int, val: int, seed: int = 
 
 def config(
     work: Path, name: str, model: dict, tax: Path, data: Path, steps: int, every: int,
-    lr: float = LR, groups: list | None = None,
+    lr: float = LR, groups: list | None = None, decay: bool = True,
 ):  # fmt: skip
     cfg = {
-        "model": model,
+        "model": {"backbone_weights": None, **model},  # from random weights, as recorded
         "data": {
             "train_shards": str(data / "shards" / "train"),
             "val_shards": str(data / "shards" / "val") if every else None,
@@ -116,7 +116,7 @@ def config(
             "param_groups": groups or [],
             "clip_grad": 1.0,
             "warmup_steps": min(100, steps // 10),
-            "decay_steps": [int(steps * 0.8)],
+            "decay_steps": [int(steps * 0.8)] if decay else [],
         },
         "steps": steps,
         "steps_per_epoch": 500,
@@ -166,7 +166,7 @@ def finished(work: Path, name: str, steps: int) -> bool:
 
 
 def plot(work: Path, names: list[str], out: Path) -> None:
-    from vastdet.engine.plot import pyplot, save_figure
+    from vastdet.engine.plot import outside_legend, pyplot, save_figure
 
     plt = pyplot()
 
@@ -176,7 +176,7 @@ def plot(work: Path, names: list[str], out: Path) -> None:
         ax.plot([r["step"] for r in rows], [r["val_AP50"] for r in rows], marker="o", label=name)
     ax.set(xlabel="training step", ylabel="held-out AP50", title="convergence on the easy set")
     ax.grid(alpha=0.3)
-    ax.legend()
+    outside_legend(ax)
     save_figure(fig, out)
 
 

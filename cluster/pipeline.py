@@ -101,11 +101,12 @@ PATH_KEYS = {
 
 def absolute(location: str | None) -> str | None:
     """A path made absolute from this process's folder (Ray workers run in folders of their
-    own, where a relative path names nothing); URLs as they are."""
+    own, where a relative path names nothing); URLs and shipped weights as they are."""
     from pipelines.sources import is_url
+    from vastdet.models.backbone import SHIPPED_SCHEME
 
-    if not location or is_url(location):
-        return location
+    if not location or is_url(location) or location.startswith(SHIPPED_SCHEME):
+        return location  # a URL, or weights that ship with vastdet (`vastdet:<name>`)
     return os.path.abspath(location)
 
 

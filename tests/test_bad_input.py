@@ -398,7 +398,13 @@ def test_random_initialisation_is_announced_only_when_it_is_true(caplog):
         build_model(cfg, [1, 2, 3], restoring=True, weights_follow=True)
     assert "randomly initialised" not in caplog.text
     with caplog.at_level("WARNING"):
-        build_model(load_config("dino_tiny", ModelConfig), [1, 2, 3])
+        build_model(load_config("dino_tiny", ModelConfig), [1, 2, 3])  # the shipped weights
+    assert "randomly initialised" not in caplog.text
+    from vastdet.config import from_dict
+
+    scratch = from_dict(ModelConfig, {"preset": "dino_tiny", "backbone_weights": None})
+    with caplog.at_level("WARNING"):
+        build_model(scratch, [1, 2, 3])
     assert "backbone resnet18 has no weights file: randomly initialised" in caplog.text
 
 

@@ -137,3 +137,5 @@ def test_relative_paths_reach_ray_workers_as_absolute_ones(tmp_path, monkeypatch
     assert out["data"]["categories"] == "/t.json" and out["data"]["val_shards"] is None
     assert out["model"]["init_from"] == str(tmp_path / "runs/s1")
     assert stage["output_dir"] == "runs/s2"  # the caller's config is left as it was
+    shipped = {**stage, "model": {**stage["model"], "backbone_weights": "vastdet:resnet18_synth"}}
+    assert absolute_paths(shipped)["model"]["backbone_weights"] == "vastdet:resnet18_synth"

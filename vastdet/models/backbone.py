@@ -1,15 +1,20 @@
 """Backbones giving multi-scale features, and the neck that maps them to the model width.
 
-ResNet (torchvision) with frozen batch norm and a frozen stem + first stage, as DETR/DINO train
-it. Weights come only from a local file named in the config; keys are checked strictly and a
-mismatch names the missing and unexpected keys. Without a file the backbone is randomly
+ResNet (torchvision) over pretrained weights: frozen batch norm and a frozen stem + first stage,
+as DETR/DINO train it; without weights every layer trains, normalised by GroupNorm. Weights
+come only from a local file named in the config (a PyTorch state dict or safetensors), or from
+a file that ships with vastdet, named `vastdet:<name>` (`SHIPPED`); keys are checked strictly
+and a mismatch names the missing and unexpected keys. Without a file the backbone is randomly
 initialised and the log says so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +34,106 @@ RESNETS = {
 }
 
 
-def load_weights(
-    module: nn.Module, path: str | os.PathLike, what: str, ignore_prefixes: tuple[str, ...] = ()
-) -> None:
-    """Load a local state dict strictly; the error names missing and unexpected keys.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED_SCHEME = "vastdet:"
+# weights that ship with vastdet: name -> file in SHIPPED_DIR, its record beside it (.json)
+SHIPPED = {"resnet18_synth": "resnet18_synth.safetensors"}
 
-    Keys starting with `ignore_prefixes` (a classifier head the detector does not have) are
-    dropped first."""
+
+def shipped_record(name: str) -> dict:
+    """The record of shipped weights `name`: sha256, recipe command, vocabulary, time."""
+    if name not in SHIPPED:
+        raise ValueError(
+            f"no shipped weights {SHIPPED_SCHEME}{name}; vastdet ships "
+            f"{', '.join(SHIPPED_SCHEME + n for n in SHIPPED)}"
+        )
+    return json.loads((SHIPPED_DIR / SHIPPED[name]).with_suffix(".json").read_text())
+
+
+@cache
+def resolve_weights(spec: str | os.PathLike) -> Path:
+    """The local file behind a config's weights entry: a path as given, or `vastdet:<name>`
+    for weights that ship with vastdet, whose sha256 must match their record."""
+    from taxonomy.files import file_sha256
+
+    text = str(spec)
+    if not text.startswith(SHIPPED_SCHEME):
+        return Path(text)
+    name = text[len(SHIPPED_SCHEME) :]
+    record = shipped_record(name)
+    path = SHIPPED_DIR / SHIPPED[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"{text}: {path} is missing from this installation")
+    digest = file_sha256(path)
+    if digest != record["sha256"]:
+        raise ValueError(
+            f"{text}: {path} has sha256 {digest[:16]}..., its record says "
+            f"{record['sha256'][:16]}...: the file was changed or cut short"
+        )
+    return path
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """A state dict from a file someone handed us, as data: safetensors, or a PyTorch file
+    read with the weights-only loader (a `state_dict` or `model` entry is unwrapped)."""
+    path = resolve_weights(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     state = load_data(path)  # a checkpoint a user names is data, never code to run
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    return state
+
+
+def detect_prefix(keys, own_keys) -> str:
+    """The prefix a detector's checkpoint puts before the backbone's own key names
+    (`backbone.`, `backbone.0.body.`, `module.backbone.`, ...): the one most keys reduce to a
+    key of the module by, or "" when the keys are the module's already."""
+    own = set(own_keys)
+    direct = sum(1 for key in keys if key in own)
+    counts: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        for cut in range(1, len(parts)):
+            if ".".join(parts[cut:]) in own:
+                prefix = ".".join(parts[:cut]) + "."
+                counts[prefix] = counts.get(prefix, 0) + 1
+                break
+    best = max(counts, key=lambda p: (counts[p], -len(p)), default="")
+    return best if counts.get(best, 0) > direct else ""
+
+
+def load_weights(
+    module: nn.Module,
+    path: str | os.PathLike,
+    what: str,
+    ignore_prefixes: tuple[str, ...] = (),
+    prefix: str | None = None,
+    convert=None,
+) -> None:
+    """Load a local state dict (`read_state`) strictly; the error names missing and unexpected
+    keys. A detector's checkpoint keeps the backbone under a prefix: `prefix` names it, or
+    (None) it is detected (`detect_prefix`), and keys outside it are dropped. `convert(state)`
+    then maps a known layout onto the module's (Swin: timm's own filter for Microsoft's
+    releases). Keys starting with `ignore_prefixes` (a classifier head the detector does not
+    have) are dropped; tensors are cast to the module's dtypes."""
+    state = read_state(path)
     own = module.state_dict()
+    if prefix is None:
+        prefix = detect_prefix(state, own)
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        log.info("%s: the weights under %r", path, prefix)
+    if convert is not None:
+        state = convert(state)
     # batch-norm step counters mean nothing to frozen batch norm (which drops them on load)
     state = {
         k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)
@@ -94,7 +186,9 @@ def resolve_norm(name: str, norm: str, weights: str | None) -> str:
 
 class ResNetBackbone(nn.Module):
     """Features of stages 2-4 (strides 8, 16, 32) of a torchvision ResNet, normalised by `norm`
-    (`resnet_norm`)."""
+    (`resnet_norm`). Over pretrained `weights` the stem and the stages before
+    `train_from_stage` are frozen; without weights every layer trains (there is nothing to
+    keep)."""
 
     def __init__(
         self,
@@ -103,6 +197,7 @@ class ResNetBackbone(nn.Module):
         train_from_stage: int = 2,
         out_stages: tuple[int, ...] = (2, 3, 4),
         norm: str = "auto",
+        weights_prefix: str | None = None,
     ):
         super().__init__()
         if name not in RESNETS:
@@ -114,19 +209,23 @@ class ResNetBackbone(nn.Module):
             else lambda channels: nn.GroupNorm(GN_GROUPS, channels)
         )
         net = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+        del net.fc  # the classifier: ImageNet files carry it, detection never uses it
         if weights:
-            load_weights(net, weights, f"backbone {name}")
+            load_weights(
+                net, weights, f"backbone {name}", ignore_prefixes=("fc.",), prefix=weights_prefix
+            )
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.out_stages = out_stages
         self.channels = [RESNETS[name][s - 1] for s in out_stages]
         self.strides = [2 ** (s + 1) for s in out_stages]
-        for p in self.stem.parameters():
-            p.requires_grad_(False)
-        for stage, module in enumerate(self.stages, start=1):
-            if stage < train_from_stage:
-                for p in module.parameters():
-                    p.requires_grad_(False)
+        if weights:  # the pretrained stem and early stages stay as they are (DETR, DINO)
+            for p in self.stem.parameters():
+                p.requires_grad_(False)
+            for stage, module in enumerate(self.stages, start=1):
+                if stage < train_from_stage:
+                    for p in module.parameters():
+                        p.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(images)
@@ -148,12 +247,18 @@ SWINS = {
 class SwinBackbone(nn.Module):
     """Features of Swin stages 2-4 (strides 8, 16, 32) from timm, for any input size.
 
-    A local timm checkpoint loads strictly except for the classification head (`head.*`),
-    which detection does not use.
+    A local checkpoint in timm's layout or in Microsoft's (the `swin_base_patch4_window12_384
+    _22k.pth` releases the papers start from, converted by timm's own checkpoint filter, which
+    also resizes relative-position tables to this model's window) loads strictly except for the
+    classification head (`head.*`), which detection does not use.
     """
 
     def __init__(
-        self, name: str = "swin_t", weights: str | None = None, drop_path_rate: float = 0.2
+        self,
+        name: str = "swin_t",
+        weights: str | None = None,
+        drop_path_rate: float = 0.2,
+        weights_prefix: str | None = None,
     ):
         super().__init__()
         import timm
@@ -168,7 +273,12 @@ class SwinBackbone(nn.Module):
             drop_path_rate=drop_path_rate,
         )
         if weights:
-            load_weights(self.net, weights, f"backbone {name}", ignore_prefixes=("head.",))
+            from timm.models.swin_transformer import checkpoint_filter_fn
+
+            load_weights(
+                self.net, weights, f"backbone {name}", ignore_prefixes=("head.",),
+                prefix=weights_prefix, convert=lambda state: checkpoint_filter_fn(state, self.net),
+            )  # fmt: skip
         info = self.net.feature_info
         self.channels = [info[i]["num_chs"] for i in (1, 2, 3)]
         self.strides = [info[i]["reduction"] for i in (1, 2, 3)]
@@ -185,16 +295,19 @@ def build_backbone(
     train_from_stage: int = 2,
     drop_path: float | None = None,
     norm: str = "auto",
+    weights_prefix: str | None = None,
 ) -> nn.Module:
     """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/l`, with stochastic depth
     `drop_path`, 0.2 when None as in DINO) backbone by name, normalised by `norm`
-    (`resolve_norm`)."""
+    (`resolve_norm`); `weights_prefix` names where a detector's checkpoint keeps the backbone
+    (None: detected)."""
     norm = resolve_norm(name, norm, weights)
     if name in SWINS:
-        return SwinBackbone(name, weights, drop_path_rate=0.2 if drop_path is None else drop_path)
+        rate = 0.2 if drop_path is None else drop_path
+        return SwinBackbone(name, weights, drop_path_rate=rate, weights_prefix=weights_prefix)
     if drop_path:
         raise ValueError(f"backbone_drop_path applies to Swin backbones, not {name}")
-    return ResNetBackbone(name, weights, train_from_stage, norm=norm)
+    return ResNetBackbone(name, weights, train_from_stage, norm=norm, weights_prefix=weights_prefix)
 
 
 class ChannelMapper(nn.Module):

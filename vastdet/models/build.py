@@ -42,6 +42,8 @@ class ModelConfig:
     architecture: str = "dino"
     backbone: str = "resnet50"
     backbone_weights: str | None = None
+    # where a detector's checkpoint keeps the backbone (`backbone.`, ...); None: detected
+    backbone_weights_prefix: str | None = None
     # ResNet: frozen_bn | group_norm | auto (frozen over pretrained weights, GroupNorm from
     # scratch); resolved when the config is read, so a run's config.json says which it trained
     backbone_norm: str = "auto"
@@ -146,6 +148,7 @@ def build_model(
         cfg.train_backbone_from_stage,
         cfg.backbone_drop_path,
         cfg.backbone_norm,
+        cfg.backbone_weights_prefix,
     )
     if cfg.architecture == "dino":
         return _build_dino(cfg, backbone, category_ids)
