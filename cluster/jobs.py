@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SECRET = "***"
+AGENT_WAIT_S = 120.0  # how long a submission waits for a new cluster's job agent
 
 
 def client(address: str | None):
@@ -47,9 +48,19 @@ def runtime_environment(
 def submit_pipeline(
     address: str | None, config_file: str | os.PathLike, runtime_env: dict | None = None
 ) -> str:
-    """Submit the pipeline as a Ray job; returns the job id."""
+    """Submit the pipeline as a Ray job; returns the job id. A cluster that has just started
+    may have no job agent registered yet (Ray answers 500, "No available agent"): the
+    submission is tried again for up to `AGENT_WAIT_S` seconds before that error is raised."""
     entrypoint = f"python -m cluster.pipeline {shlex.quote(os.fspath(config_file))}"
-    return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def wait_for(address: str | None, job_id: str, timeout_s: float = 3600, poll_s: float = 2.0) -> str:

@@ -39,6 +39,9 @@ def start_local_ray(num_cpus: int | None = None, **kwargs) -> None:
     # read once when Ray is imported; a process that imported Ray before this call needs it set
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
+        # always a new instance: never one left running on this machine (by a killed driver
+        # whose Ray outlived it, or another user's), which `ray.init()` would otherwise join
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         dashboard_host=LOOPBACK,

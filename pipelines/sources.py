@@ -13,16 +13,21 @@ nothing beyond Python: no `curl` on the nodes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
+import logging
 import os
 import posixpath
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
+log = logging.getLogger(__name__)
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 HTTP_TIMEOUT_S = 60
 
@@ -99,20 +104,92 @@ def open_source(location: str | os.PathLike) -> BinaryIO:
         return gopen(text)
     scheme = urlparse(text).scheme
     if scheme in ("http", "https"):
-        from urllib.error import HTTPError
-        from urllib.request import urlopen
-
-        try:
-            return urlopen(text, timeout=HTTP_TIMEOUT_S)
-        except HTTPError as err:
-            if err.code == 404:
-                raise FileNotFoundError(f"{text}: HTTP 404") from None
-            raise OSError(f"{text}: HTTP {err.code} {err.reason}") from None
+        return io.BufferedReader(ResumingHTTPStream(text), buffer_size=1 << 16)
     fs, inside = filesystem(text)
     try:
         return fs.open_input_stream(inside)
     except FileNotFoundError:
         raise FileNotFoundError(f"{text}: not found") from None
+
+
+HTTP_RETRIES = 5  # reconnections per stream after a dropped connection
+HTTP_BACKOFF_S = 0.5  # doubled after each failed reconnection
+
+
+class ResumingHTTPStream(io.RawIOBase):
+    """The body at an HTTP(S) URL as a binary stream that survives a dropped connection: a read
+    that fails (reset, cut short, timed out) reconnects with a `Range` request from the byte it
+    had reached and goes on, up to HTTP_RETRIES times in a row with a growing pause; then the
+    error is raised naming the URL and the offset (the reader counts the shard as cut short).
+    A server that ignores `Range` is read again from the start and the bytes already read are
+    skipped. A 404 is FileNotFoundError; other HTTP errors OSError."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url, self.offset, self.response = url, 0, None
+        self.response = self._open(0)
+
+    def _open(self, offset: int):
+        from urllib.error import HTTPError
+        from urllib.request import Request, urlopen
+
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            response = urlopen(Request(self.url, headers=headers), timeout=HTTP_TIMEOUT_S)
+        except HTTPError as err:
+            if err.code == 404:
+                raise FileNotFoundError(f"{self.url}: HTTP 404") from None
+            raise OSError(f"{self.url}: HTTP {err.code} {err.reason}") from None
+        if offset and response.status != 206:  # no ranges: read up to where we were
+            skip = offset
+            while skip:
+                chunk = response.read(min(skip, 1 << 20))
+                if not chunk:
+                    raise OSError(f"{self.url}: shorter than the {offset} bytes read before")
+                skip -= len(chunk)
+        return response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        import http.client
+
+        failures = 0
+        while True:
+            try:
+                if self.response is None:
+                    self.response = self._open(self.offset)
+                count = self.response.readinto(buffer)
+                if not count and len(buffer) and self.response.length:
+                    # http.client ends a body cut short as if it were complete
+                    raise http.client.IncompleteRead(b"", self.response.length)
+                self.offset += count
+                return count
+            except FileNotFoundError:
+                raise
+            except (OSError, http.client.HTTPException) as err:
+                failures += 1
+                if failures > HTTP_RETRIES:
+                    raise OSError(
+                        f"{self.url}: connection lost at byte {self.offset} and "
+                        f"{HTTP_RETRIES} reconnections failed ({err})"
+                    ) from None
+                if self.response is not None:
+                    with contextlib.suppress(Exception):
+                        self.response.close()
+                    self.response = None
+                log.warning(
+                    "%s: connection lost at byte %d (%s); reconnecting (%d of %d)",
+                    self.url, self.offset, err, failures, HTTP_RETRIES,
+                )  # fmt: skip
+                time.sleep(HTTP_BACKOFF_S * 2 ** (failures - 1))
+
+    def close(self) -> None:
+        if self.response is not None:
+            with contextlib.suppress(Exception):
+                self.response.close()
+        super().close()
 
 
 def read_bytes(location: str | os.PathLike) -> bytes:

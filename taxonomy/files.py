@@ -12,16 +12,70 @@ from pathlib import Path
 from typing import Any
 
 
+class NoSpaceError(OSError):
+    """A file could not be written because its disk is full. The message names the file, the
+    space it needed (at least what was written before the disk filled) and what is free; the
+    file it was to replace, if any, is intact."""
+
+
+FULL_BELOW = 1 << 20  # a disk with less free space than this after a failed write is full
+
+
+def disk_full(err: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether a failed write's error comes from a full disk: ENOSPC, or (PyTorch's writer
+    reports a full disk as a stream error without errno) almost nothing free under
+    `directory` while the partial file still takes its space."""
+    import errno
+    import shutil
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+def size_text(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return f"{num_bytes:.1f} TB"
+
+
+def free_text(directory: str | os.PathLike) -> str:
+    import shutil
+
+    try:
+        return f"{size_text(shutil.disk_usage(directory).free)} free"
+    except OSError:
+        return "free space unknown"
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix, so `.gz` stays gzip); on success it is
-    renamed onto `path`, on error removed. Readers never see a half-written file."""
+    renamed onto `path`, on error removed. Readers never see a half-written file. A write that
+    fails on a full disk raises `NoSpaceError` naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, NoSpaceError) or not disk_full(err, path.parent):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        if tmp.exists():
+            tmp.unlink()
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise NoSpaceError(
+            f"no space left to write {path}: it needs more than {size_text(written)} (written "
+            f"before the disk filled), {free_text(path.parent)}{kept}; free space there or "
+            "write elsewhere"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -78,6 +78,7 @@ def progress_steps(lines: list[str]) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # Ray on a busy 2-core machine starts slowly
 def test_two_nodes_restore_from_s3_after_a_worker_is_killed(s3_server, dataset, tmp_path):  # noqa: F811
     """One worker per node, each in its own node-local folder; a worker is killed at step 3 and
     every node-local folder deleted. The restarted group resumes from the checkpoint in S3,
@@ -109,13 +110,19 @@ def test_two_nodes_restore_from_s3_after_a_worker_is_killed(s3_server, dataset, 
         assert run["checkpoint"].startswith(f"{BUCKET}/ray/")  # Ray's checkpoint is in S3
         assert [r["step"] for r in run["rows"]] == list(range(1, 9))
         assert all(r["world_size"] == 2 for r in run["rows"])
-    # the driver printed progress: every step before the kill, then from the restored step on
+    # the driver printed every step rank 0 logged: those before the kill once, then from the
+    # restored checkpoint on, none twice past it. Whether the steps after the checkpoint were
+    # logged before the kill (and so are printed again) depends on when it lands; what must
+    # hold is that printing resumes right after a checkpoint step.
     steps = progress_steps(killed["lines"])
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    restored = steps[restart] - 1
-    assert restored >= 2 and restored % 2 == 0, steps  # a checkpoint step, from S3
-    assert steps[restart:] == list(range(restored + 1, 9)), steps  # none repeated past it
-    assert steps[:restart] == list(range(1, steps[restart - 1] + 1)), steps
+    restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert len(restarts) <= 1, steps  # one kill, one restart
+    cut = restarts[0] if restarts else len(steps)
+    assert steps[:cut] == list(range(1, steps[cut - 1] + 1)), steps
+    restored = steps[cut] - 1 if restarts else steps[cut - 1]
+    if restarts:
+        assert restored >= 2 and restored % 2 == 0, steps  # a checkpoint step, from S3
+    assert steps[cut:] == list(range(restored + 1, 9)) and steps[-1] == 8, steps
     assert re.search(r"loss \d+\.\d+ +[\d.]+ images/s +ETA", killed["lines"][-1])
     # the same training as without the interruption (RNG, data stream and weights restored)
     for a, b in zip(straight["rows"], killed["rows"], strict=True):

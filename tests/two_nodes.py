@@ -63,11 +63,13 @@ def registered_checkpoints(storage: str, run: str) -> int:
     return len(snapshot.get("checkpoint_results", []))
 
 
-def kill_one_worker_at_step_three(scratch: Path, storage: str, killed: list[int]) -> None:
+def kill_one_worker_at_step_three(
+    scratch: Path, storage: str, killed: list[int], finished: threading.Event
+) -> None:
     """Once rank 0 has logged step 3 and Ray holds a checkpoint in storage: SIGKILL one worker
-    and delete every node's scratch folder of the run."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not killed:
+    and delete every node's scratch folder of the run (watching until the run ends, however
+    slowly a busy machine starts it)."""
+    while not finished.is_set() and not killed:
         pids = train_worker_pids()
         if (
             scratch.is_dir()
@@ -105,20 +107,24 @@ def main() -> int:
             output_dir = Path(settings["config"]["output_dir"])
             scratch = output_dir / run["name"]
             killed: list[int] = []
+            finished = threading.Event()
             watcher = threading.Thread(
                 target=kill_one_worker_at_step_three,
-                args=(scratch, settings["storage"], killed),
+                args=(scratch, settings["storage"], killed, finished),
                 daemon=True,
             )
             if run["kill"]:
                 watcher.start()
             lines: list[str] = []
             with ProgressPrinter(lines.append, every_s=0.5) as progress:
-                result = run_training_stage(
-                    settings["config"], num_workers=2, storage_path=settings["storage"],
-                    max_failures=1, name=run["name"], per_node_output=run["name"],
-                    progress=progress.name, stage=run["name"],
-                )  # fmt: skip
+                try:
+                    result = run_training_stage(
+                        settings["config"], num_workers=2, storage_path=settings["storage"],
+                        max_failures=1, name=run["name"], per_node_output=run["name"],
+                        progress=progress.name, stage=run["name"],
+                    )  # fmt: skip
+                finally:
+                    finished.set()
             final = output_dir / f"{run['name']}-final"
             if result.checkpoint is not None:
                 fetch_checkpoint(result.checkpoint, final, fresh=True)

@@ -3,12 +3,15 @@ every rank has finished, found again by the newest complete tag."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+from taxonomy.files import NoSpaceError, disk_full, free_text, size_text
 
 TAG = re.compile(r"^step_(\d{8})$")
 
@@ -38,9 +41,20 @@ def save(engine, directory: str | os.PathLike, step: int, client_state: dict, ke
     root = Path(directory)
     final = root / tag_for(step)
     partial = root / (tag_for(step) + ".partial")
-    engine.save_checkpoint(
-        str(root), tag=partial.name, client_state=client_state, save_latest=False
-    )
+    try:
+        engine.save_checkpoint(
+            str(root), tag=partial.name, client_state=client_state, save_latest=False
+        )
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err, root):
+            raise
+        full = True
+    else:
+        full = False
+    if full:  # out of the except block: the failed write's frames, and its open file, are gone
+        gc.collect()  # (an unlinked file that is still open keeps its space)
+        shutil.rmtree(partial, ignore_errors=True)  # it can never be completed: give back its space
+        raise no_space_for_checkpoint(root, final)
     rank, mark = _rank(), f"{MARKER}{_save_token()}_"  # markers of an earlier, killed save
     partial.mkdir(parents=True, exist_ok=True)  # carry another token and are not counted
     (partial / f"{mark}{rank}").touch()
@@ -57,6 +71,25 @@ def save(engine, directory: str | os.PathLike, step: int, client_state: dict, ke
             shutil.rmtree(root / old, ignore_errors=True)
     _barrier()
     return final
+
+
+def no_space_for_checkpoint(root: Path, final: Path) -> NoSpaceError:
+    """The error for a checkpoint the disk had no room for: what a checkpoint of this run
+    takes (the newest complete one's size), what is free, and what to resume from."""
+    tags = complete_tags(root)
+    if tags:
+        newest = root / tags[-1]
+        size = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+        need = f"a checkpoint of this run takes about {size_text(size)}"
+        resume = f"the newest complete checkpoint is {newest}"
+    else:
+        need = "no checkpoint of this run was complete yet to size one"
+        resume = "no checkpoint is complete, so a resumed run starts from step 0"
+    return NoSpaceError(
+        f"no space left to write checkpoint {final}: {need}, {free_text(root)}; {resume}; "
+        "free space there (or give output_dir on a larger disk) and start the run again to "
+        "resume"
+    )
 
 
 def _save_token() -> str:
