@@ -10,7 +10,7 @@ WORDNET_STAMP := $(VENV)/nltk_data/corpora/wordnet/lexnames
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test demo lint format bench clean
+.PHONY: setup test demo backbone lint format bench clean
 
 setup: $(STAMP) $(WORDNET_STAMP)
 
@@ -20,7 +20,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,tensorboard]"
 	touch $@
 
 # WordNet 3.0 for nltk, offline: Debian's package when there is no copy yet.
@@ -34,6 +34,10 @@ test: setup
 # local Ray cluster (2 DeepSpeed workers) -> evaluation and charts, under runs/demo.
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m cluster.demo $(DEMO_ARGS)
+
+# The shipped CPU backbone, retrained: vastdet/weights/resnet18_synth.safetensors and its record.
+backbone: setup
+	$(PY) -m vastdet.cli pretrain-backbone -o vastdet/weights/resnet18_synth.safetensors
 
 lint: setup
 	$(PY) -m ruff check .

@@ -93,6 +93,14 @@ def add_commands(subparsers) -> None:
     inspect.add_argument("--verify", action="store_true", help="check every shard's sha256")
     inspect.set_defaults(handler=_inspect)
 
+    images = commands.add_parser(
+        "images", help="the first images of a shard set as files (e.g. to try `vastdet predict`)"
+    )
+    images.add_argument("shards", type=Path, help="a shard folder or its manifest.json")
+    images.add_argument("-o", "--output", type=Path, required=True, help="folder for the files")
+    images.add_argument("--count", type=int, default=4, help="how many (default 4)")
+    images.set_defaults(handler=_images)
+
 
 def _histogram(path: Path) -> dict[int, float]:
     doc = json.loads(path.read_text())
@@ -198,4 +206,13 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"samples drawn to {drawn}")
         if skipped:
             print("unreadable, skipped: " + ", ".join(f"{k} {n}" for k, n in skipped.items()))
+    return 0
+
+
+def _images(args: argparse.Namespace) -> int:
+    from pipelines.preview import write_images
+    from pipelines.shards import ShardSet
+
+    written = write_images(ShardSet.open(args.shards), args.output, args.count)
+    print(" ".join(str(p) for p in written))
     return 0

@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -473,14 +474,17 @@ def _unwrapped(loader) -> Iterator:
         raise UnusableDataError(str(err).rsplit("UnusableDataError: ", 1)[-1].strip()) from None
 
 
-class _Niceness:
+class _WorkerStart:
     """A loader worker's start: raise its scheduling niceness, so that it decodes in the cycles
-    the trainer leaves rather than taking cores from the trainer's threads (picklable)."""
+    the trainer leaves rather than taking cores from the trainer's threads, and leave Ctrl-C to
+    the trainer, which stops the workers itself (a worker that took SIGINT too would print a
+    traceback of its own). Picklable."""
 
     def __init__(self, increment: int):
         self.increment = increment
 
     def __call__(self, worker: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.increment > 0 and hasattr(os, "nice"):
             os.nice(self.increment)
 
@@ -498,7 +502,7 @@ def _data_loader(pipeline, num_workers: int, worker_nice: int = WORKER_NICE):
         persistent_workers=False,
         prefetch_factor=PREFETCH_ITEMS if num_workers else None,
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_Niceness(worker_nice) if num_workers else None,
+        worker_init_fn=_WorkerStart(worker_nice) if num_workers else None,
     )
 
 

@@ -49,6 +49,29 @@ def iter_samples(
             return
 
 
+def write_images(shards: ShardSet, out_dir: str | Path, count: int) -> list[Path]:
+    """The first `count` readable samples' images as files in `out_dir`, their bytes as the
+    shards hold them (`<key>.jpg` or `.png`); returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for sample in tar_samples(({"url": url} for url in shards.urls), _warn_and_go_on):
+        suffix = "jpg" if sample.get("jpg") else "png" if sample.get("png") else None
+        if suffix is None:
+            continue
+        path = out / f"{Path(sample['__key__']).name}.{suffix}"
+        path.write_bytes(sample[suffix])
+        written.append(path)
+        if len(written) >= count:
+            break
+    return written
+
+
+def _warn_and_go_on(err: Exception) -> bool:
+    log.warning("skipping unreadable shard data: %s", err)
+    return True
+
+
 def summary(shards: ShardSet, names: Mapping[int, str] | None = None, top: int = 10) -> list[str]:
     """Readable counts and the head and tail of the category histogram."""
     m = shards.manifest
@@ -78,18 +101,70 @@ def summary(shards: ShardSet, names: Mapping[int, str] | None = None, top: int =
     return lines
 
 
+def label_font(size: int = 12):
+    """A scalable font for labels (Pillow's bundled one), or its bitmap default without
+    FreeType."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def place_labels(
+    boxes_xyxy: list[list[float]], sizes: list[tuple[int, int]], width: int, height: int
+) -> list[tuple[int, int, int, int]]:
+    """Where each box's label goes: a (x0, y0, x1, y1) rectangle of its `size` inside the
+    image, just above the box (else just inside its top edge, else below it), moved down past
+    the labels placed before it so that none covers another when there is room."""
+    placed: list[tuple[int, int, int, int]] = []
+    for (x0, y0, _, y1), (w, h) in zip(boxes_xyxy, sizes):
+        w, h = min(w, width), min(h, height)
+        left = int(min(max(x0, 0), width - w))
+        tops = [int(min(max(top, 0), height - h)) for top in (y0 - h, y0, y1)]
+        placed.append(_free_spot(left, tops, w, h, height, placed))
+    return placed
+
+
+def _free_spot(left: int, tops: list[int], w: int, h: int, height: int, placed) -> tuple:
+    """The first rectangle at `left` starting from one of `tops` (moving down past labels in
+    the way) that covers no placed label and fits; else the first top's, covering."""
+    for top in tops:
+        while top + h <= height:
+            rect = (left, top, left + w, top + h)
+            clash = [p for p in placed if _overlap(rect, p)]
+            if not clash:
+                return rect
+            top = max(p[3] for p in clash)
+    return (left, tops[0], left + w, tops[0] + h)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def draw_boxes(
     image: Image.Image,
     boxes_xywh: list[list[float]],
     texts: list[str],
     color: tuple[int, int, int] = (255, 255, 0),
 ) -> Image.Image:
-    """`image` with each box outlined and labelled with its text (drawn in place)."""
+    """`image` with each box outlined and labelled with its text (drawn in place); labels stay
+    inside the image and do not cover each other (`place_labels`)."""
     draw = ImageDraw.Draw(image)
-    for (x, y, w, h), text in zip(boxes_xywh, texts):
-        draw.rectangle([x, y, x + w, y + h], outline=color, width=2)
-        draw.rectangle([x, y, x + 6 * len(text) + 4, y + 11], fill=(0, 0, 0))
-        draw.text((x + 2, y), text, fill=color)
+    font = label_font()
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in boxes_xywh]
+    sizes = []
+    for text in texts:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        sizes.append((right - left + 4, bottom - top + 4))
+    for box in boxes:
+        draw.rectangle(box, outline=color, width=2)
+    for rect, text in zip(place_labels(boxes, sizes, image.width, image.height), texts):
+        draw.rectangle(rect, fill=(0, 0, 0))
+        left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+        draw.text((rect[0] + 2 - left, rect[1] + 2 - top), text, fill=color, font=font)
     return image
 
 

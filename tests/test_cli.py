@@ -96,3 +96,41 @@ def test_errors_exit_2_with_the_message(tmp_path, capsys):
     )
     assert main(["taxonomy", "show", str(bad)]) == 2
     assert "cycle: " in capsys.readouterr().err
+
+
+def test_paths_that_are_not_runs_say_what_they_are_and_what_to_give(tmp_path, capsys):
+    """eval, export, predict and plot name a missing path, a run's checkpoint folder or one
+    checkpoint, a shard folder and a run without a complete checkpoint for what they are."""
+    from vastdet.cli import main
+
+    run = tmp_path / "runs" / "tiny"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    shards = tmp_path / "syn" / "shards" / "val"
+    shards.mkdir(parents=True)
+    (shards / "manifest.json").write_text("{}")
+    unfinished = tmp_path / "runs" / "young"
+    (unfinished / "checkpoints" / "step_00000002.partial").mkdir(parents=True)
+    (unfinished / "config.json").write_text("{}")
+    cases = {
+        tmp_path / "runs" / "nope": f"{tmp_path / 'runs' / 'nope'} does not exist: give a run "
+        "folder (a training config's output_dir) or an exported model file",
+        run / "checkpoints": f"{run / 'checkpoints'} is the checkpoint folder of run {run}: "
+        f"give the run folder, {run}",
+        run / "checkpoints" / "step_00000004": f"is one checkpoint of run {run}: give the run "
+        f"folder ({run}; `vastdet export --tag step_00000004` picks this one)",
+        tmp_path / "syn": f"{tmp_path / 'syn'} holds shards, not a trained run",
+        unfinished: f"run {unfinished} has no complete checkpoint yet (1 partial, cut short)",
+    }
+    for path, message in cases.items():
+        for command in (
+            ["eval", str(path), "--shards", str(shards), "-o", str(tmp_path / "out")],
+            ["export", str(path), "-o", str(tmp_path / "model.pt")],
+            ["predict", str(shards / "manifest.json"), "--checkpoint", str(path), "-o", "x.json"],
+        ):
+            assert main(command) == 2, command
+            assert message in capsys.readouterr().err, command
+    assert main(["plot", str(tmp_path / "syn")]) == 2
+    assert "holds shards, not a trained run" in capsys.readouterr().err
+    assert main(["plot", str(run)]) == 2  # a run folder, nothing logged yet
+    assert "metrics.jsonl has no records yet" in capsys.readouterr().err

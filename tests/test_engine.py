@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from PIL import Image
 from pipelines.shards import write_shards
 from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records
 from taxonomy import Node, Taxonomy, save_taxonomy
-from vastdet.engine.metrics import evaluation_rows, training_rows
+from vastdet.engine.metrics import evaluation_rows, read_metrics, training_rows
 from vastdet.evaluation.predict import DRAW_MIN_SIDE, category_names, clip_xywh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,9 +135,7 @@ def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
     stopped = config(dataset, tmp_path / "stopped", steps=4)
     first = run(stopped)
     assert [m["step"] for m in first] == [1, 2, 3, 4]
-    resumed = run(
-        config(dataset, tmp_path / "stopped", steps=8)
-    )  # same run directory: resumes at 4
+    resumed = run(config(dataset, tmp_path / "stopped", steps=8))  # same folder: resumes at 4
     assert [m["step"] for m in resumed] == list(range(1, 9))
     for a, b in zip(straight, resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a, b)
@@ -154,6 +153,18 @@ def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
     )["module"]
     assert set(payload["model"]) == set(saved)
     assert all(torch.equal(payload["model"][k], saved[k]) for k in saved)
+    # the same model as safetensors: the same tensors, and it evaluates as the PyTorch file
+    safe = tmp_path / "model.safetensors"
+    assert main(["export", str(tmp_path / "straight"), "-o", str(safe)]) == 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(safe)
+    assert set(tensors) == set(saved) and all(torch.equal(tensors[k], saved[k]) for k in saved)
+    from vastdet.engine.loading import load_model
+
+    model, _, safe_config = load_model(safe)
+    assert safe_config == json.loads(payload["config"])
+    assert model.category_ids.tolist() == [1, 2, 3, 4, 5]
     assert main(["plot", str(tmp_path / "straight")]) == 0
     assert (tmp_path / "straight" / "plots" / "losses.png").stat().st_size > 1000
     check_eval_and_predict(dataset, tmp_path, tmp_path / "straight", exported)
@@ -207,7 +218,7 @@ def check_eval_and_predict(dataset: Path, tmp_path: Path, run_dir: Path, exporte
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main([*args, "--draw", str(draw), "--threshold", "0", "--batch-size", "1"]) == 0
-    assert f"{5 * 50} detections scored >= 0.0 and are drawn in {draw}" in printed.getvalue()
+    assert f"{5 * 100} detections scored >= 0.0 and are drawn in {draw}" in printed.getvalue()
     predicted = json.loads(results.read_text())
     drawings = sorted(draw.glob("*.png"))
     assert len(drawings) == len(images)
@@ -215,14 +226,25 @@ def check_eval_and_predict(dataset: Path, tmp_path: Path, run_dir: Path, exporte
     for position, path in enumerate(images):
         mine = [r for r in predicted if r["image_id"] == position]
         theirs = [r for r in scored if r["image_id"] == int(path.stem)]
-        assert len(mine) == 50 and len(theirs) == 100  # the model's 50; COCO's protocol 100
+        assert len(mine) == len(theirs) == 100  # eval's default protocol (COCO) keeps 100
         width, height = Image.open(path).size
-        for a, b in zip(mine, theirs[:50]):
+        for a, b in zip(mine, theirs):
             assert a["category_id"] == b["category_id"]
             assert a["score"] == pytest.approx(b["score"], abs=1e-5)
             assert a["bbox"] == pytest.approx(clip_xywh(b["bbox"], width, height), abs=1e-3)
             x, y, w, h = a["bbox"]
             assert 0 <= x <= x + w <= width + 1e-3 and 0 <= y <= y + h <= height + 1e-3
+    # told otherwise, predict keeps that many; a threshold above every score says what to try
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*args, "--max-detections", "7", "--draw", str(draw), "--threshold", "2"]) == 0
+    kept = json.loads(results.read_text())
+    assert len(kept) == 5 * 7
+    best = max(r["score"] for r in kept)
+    hint = printed.getvalue().splitlines()[-1]
+    assert hint.startswith(f"the best detection scored {best:.3f}: ") and "--threshold 0." in hint
+    suggested = float(hint.rsplit("--threshold ", 1)[1])
+    assert 0 < suggested < best
     # the run names no category file: labels take the names from its training shards' manifest
     run_config = json.loads((run_dir / "config.json").read_text())
     assert run_config["data"]["categories"] is None
@@ -389,14 +411,21 @@ def test_paq_models_train_on_two_ranks_under_zero(dataset, tmp_path, stage, mode
 
     figures = tmp_path / "figures"
     args = ["patterns", str(out), "--shards", str(dataset / "val"), "-o", str(figures)]
-    assert main([*args, "--iou", "0", "--score", "0", "--categories", "2,3"]) == 0
+    # the val images hold category 3 only: 2 has nothing to match, so a note instead of a figure
+    out_text = io.StringIO()
+    with contextlib.redirect_stdout(out_text):
+        assert main([*args, "--iou", "0", "--score", "0", "--categories", "2,3"]) == 0
     drawn = sorted(p.name for p in figures.glob("*.png"))
-    assert drawn == [
-        "patterns_category_2.png",
-        "patterns_category_3.png",
-        "patterns_images_map.png",
-    ]
+    assert drawn == ["patterns_category_3.png", "patterns_images_map.png"]
     assert all((figures / name).stat().st_size > 5000 for name in drawn)
+    assert "kind 2 (#2): no detection with IoU > 0.0 and score > 0.0" in out_text.getvalue()
+    # a category without a successful detection gets a note, not an empty figure
+    empty = tmp_path / "empty"
+    out_text = io.StringIO()
+    with contextlib.redirect_stdout(out_text):
+        assert main([*args[:-1], str(empty), "--score", "1.01", "--categories", "2"]) == 0
+    assert sorted(p.name for p in empty.glob("*.png")) == ["patterns_images_map.png"]
+    assert "no detection with IoU > 0.7 and score > 1.01" in out_text.getvalue()
 
 
 def test_evaluation_every_few_steps_lands_in_the_metrics_and_the_plots(dataset, tmp_path):
@@ -424,6 +453,16 @@ def test_evaluation_every_few_steps_lands_in_the_metrics_and_the_plots(dataset, 
     assert {("train/loss", s) for s in range(1, 7)} <= set(events["scalars"])
     assert events["scalars"][("val/AP", 6)] == pytest.approx(final["AP"], abs=1e-6)
     assert {("val/detections/0", s) for s in (2, 4, 6)} <= events["images"]
+    # ... as TensorBoard itself reads them (the `tensorboard` extra `make setup` installs)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out)).Reload()
+    assert [e.step for e in board.Scalars("val/AP")] == [2, 4, 6]
+    assert board.Scalars("val/AP")[-1].value == pytest.approx(final["AP"], abs=1e-6)
+    # a finished run started again has nothing to add: no new event file, the same rows
+    files, before = sorted(out.glob("events.out.tfevents.*")), read_metrics(out)
+    run(config(dataset, out, evaluate=True, steps=6, checkpoint_every=6, eval_every=2))
+    assert sorted(out.glob("events.out.tfevents.*")) == files and read_metrics(out) == before
 
 
 def tensorboard_events(run_dir: Path) -> dict:
@@ -466,3 +505,57 @@ def test_an_evaluation_made_elsewhere_ends_the_learning_curve(tmp_path):
     assert chart_keys(CHARTS["validation_ap.png"], records) == [
         "val_AP", "val_AP50_level2", "val_AP_level10",
     ]  # fmt: skip
+
+
+def test_a_world_of_one_left_in_the_environment_needs_no_rendezvous_address():
+    """A process started by one that ran a world of one inherits WORLD_SIZE=1 and RANK=0 but no
+    MASTER_ADDR (nothing rendezvoused): it is a plain single process, not a broken launch."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    code = (
+        "from vastdet.engine.distributed import init_distributed, prepare_deepspeed\n"
+        "print(init_distributed(prepare_deepspeed()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("(0, 1)"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_training_with_one_line_naming_the_checkpoint_to_resume_from(
+    dataset, tmp_path, sig, code
+):
+    """Ctrl-C (SIGINT to the whole process group, loader workers included) or a scheduler's
+    SIGTERM ends `vastdet train` with one line: the newest complete checkpoint and the command
+    that resumes; no traceback from the trainer or its workers."""
+    import time
+
+    from vastdet.engine.checkpoints import complete_tags
+
+    out = tmp_path / "stopped"
+    cfg = config(dataset, out, steps=400, checkpoint_every=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vastdet.cli", "train", "--config", str(cfg)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.monotonic() + 300
+    while not complete_tags(out / "checkpoints"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("training stopped")]
+    newest = out / "checkpoints" / complete_tags(out / "checkpoints")[-1]
+    assert len(lines) == 1 and f"newest complete checkpoint is {newest};" in lines[0]
+    assert lines[0].endswith(f"resume with: vastdet train --config {cfg}")

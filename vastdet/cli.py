@@ -12,8 +12,10 @@ from pipelines.annotations import AnnotationError, UnusableDataError
 from pipelines.cli import add_commands as add_data_commands
 from taxonomy import TaxonomyError
 from taxonomy.cli import add_commands as add_taxonomy_commands
+from taxonomy.files import NoSpaceError
 from vastdet.config import ConfigError
 from vastdet.engine.cli import add_commands as add_engine_commands
+from vastdet.engine.distributed import choose_accelerator
 from vastdet.evaluation import IncompleteEvaluationError
 
 # Packages above vastdet add their commands through this entry-point group (vastdet imports
@@ -51,9 +53,11 @@ def configure_logging(verbose: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    choose_accelerator()
     try:
         return args.handler(args)
     except (
+        NoSpaceError,
         TaxonomyError,
         AnnotationError,
         ConfigError,

@@ -1,10 +1,13 @@
-"""`vastdet train`, `export`, `plot`, `eval`, `predict` and `patterns`."""
+"""`vastdet train`, `export`, `plot`, `eval`, `predict`, `patterns` and `pretrain-backbone`."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import signal
 from pathlib import Path
+
+from taxonomy.files import NoSpaceError
 
 
 def add_commands(subparsers) -> None:
@@ -15,7 +18,10 @@ def add_commands(subparsers) -> None:
     train.set_defaults(handler=_train)
     export = subparsers.add_parser("export", help="a run's checkpoint as one plain PyTorch file")
     export.add_argument("run_dir", type=Path)
-    export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="the model file: a PyTorch file, or safetensors when it ends in .safetensors",
+    )  # fmt: skip
     export.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     export.set_defaults(handler=_export)
     plot = subparsers.add_parser("plot", help="PNG charts of a run's metrics")
@@ -59,6 +65,11 @@ def add_commands(subparsers) -> None:
     predict.add_argument("--threshold", type=float, default=0.3, help="drawing score threshold")
     predict.add_argument("--categories", help="category file for names (default: the run's)")
     predict.add_argument("--batch-size", type=int, default=2)
+    predict.add_argument(
+        "--max-detections",
+        type=int,
+        help="detections kept per image (default: as many as `vastdet eval` keeps, 100)",
+    )
     predict.set_defaults(handler=_predict)
     patterns = subparsers.add_parser(
         "patterns", help="PaQ-DETR: figures of the dynamic pattern weights W^D (Fig. 5 and 6)"
@@ -75,15 +86,73 @@ def add_commands(subparsers) -> None:
     patterns.add_argument("--score", type=float, default=0.5, help="and score (paper: 0.5)")
     patterns.add_argument("--limit", type=int, help="at most this many images")
     patterns.set_defaults(handler=_patterns)
+    pretrain = subparsers.add_parser(
+        "pretrain-backbone",
+        help="pretrain a ResNet-18 on synthetic images of a vocabulary no benchmark uses",
+    )
+    from vastdet.engine.pretrain import add_arguments
+
+    add_arguments(pretrain)
+    pretrain.set_defaults(handler=_pretrain)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal (SIGINT from Ctrl-C, SIGTERM from a scheduler)."""
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise TrainingInterrupted(signal.Signals(signum).name)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vastdet.engine.train import train
+    from vastdet.engine.train import load_train_config, train
 
-    summary = train(args.config)
+    cfg = load_train_config(args.config)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt as stop:
+        print(interrupted_message(cfg.output_dir, args.config, str(stop) or "Ctrl-C"))
+        return 130 if not str(stop) or str(stop) == "SIGINT" else 143
+    except NoSpaceError as err:
+        raise NoSpaceError(f"{err}: vastdet train --config {args.config}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if summary["rank"] == 0:
-        print(json.dumps(summary))
+        print(training_summary(summary, cfg.output_dir))
     return 0
+
+
+def interrupted_message(output_dir: str, config: str, why: str) -> str:
+    """One line: what stopped training, the newest complete checkpoint and how to resume."""
+    from vastdet.engine.checkpoints import complete_tags
+
+    tags = complete_tags(Path(output_dir) / "checkpoints")
+    where = (
+        f"the newest complete checkpoint is {Path(output_dir) / 'checkpoints' / tags[-1]}"
+        if tags
+        else "no checkpoint was complete yet, so a new run starts from step 0"
+    )
+    return f"training stopped ({why}); {where}; resume with: vastdet train --config {config}"
+
+
+def training_summary(summary: dict, output_dir: str) -> str:
+    """What a finished run did, in a few lines (its numbers are in metrics.jsonl)."""
+    last = summary.get("last") or {}
+    lines = [f"trained to step {summary['step']} in {output_dir}"]
+    if "loss" in last:
+        lines[0] += f"; last logged loss {last['loss']:.4f}"
+    if summary.get("skipped_steps"):
+        lines.append(f"skipped steps (non-finite loss): {summary['skipped_steps']}")
+    evaluation = summary.get("eval")
+    if evaluation:
+        shown = [k for k in ("AP", "AP50", "AR100", "AR_C") if k in evaluation]
+        numbers = ", ".join(f"{k} {evaluation[k]:.4f}" for k in shown)
+        lines.append(f"evaluation: {numbers} ({Path(output_dir) / 'eval' / 'metrics.json'})")
+    lines.append(
+        f"charts: vastdet plot {output_dir}; model file: vastdet export {output_dir} -o FILE"
+    )
+    return "\n".join(lines)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -125,19 +194,47 @@ def _predict(args: argparse.Namespace) -> int:
         args.batch_size,
         args.threshold,
         args.categories,
+        args.max_detections,
     )
     print(f"{len(results)} detections in {len(args.images)} images written to {args.output}")
     if args.draw:
         print(f"{drawn} detections scored >= {args.threshold} and are drawn in {args.draw}")
+        if not drawn and results:
+            best = max(r["score"] for r in results)
+            print(
+                f"the best detection scored {best:.3f}: to draw the most confident ones, "
+                f"lower the threshold, e.g. --threshold {lower_threshold(best)}"
+            )
     return 0
+
+
+def lower_threshold(best: float) -> float:
+    """A drawing threshold just under the best score, rounded down to two decimals."""
+    return max(0.01, math.floor(best * 100 - 1e-9) / 100 - 0.05)
 
 
 def _patterns(args: argparse.Namespace) -> int:
     from vastdet.evaluation.pattern_maps import run_pattern_maps
 
-    for path in run_pattern_maps(
+    written, notes = run_pattern_maps(
         args.model, args.shards, args.output, args.categories, args.iou, args.score,
         limit=args.limit,
-    ):  # fmt: skip
+    )  # fmt: skip
+    for path in written:
         print(path)
+    for note in notes:
+        print(note)
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from vastdet.engine.pretrain import main_from_args
+
+    record = main_from_args(args)
+    held = record["held_out"]
+    print(
+        f"backbone written to {args.output} ({record['sha256'][:12]}...) in "
+        f"{record['seconds']['total']} s: held-out box top-1 {held['box_top1']:.3f}, "
+        f"image tagging AUC {held['image_auc']:.3f}"
+    )
     return 0

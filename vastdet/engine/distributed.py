@@ -8,11 +8,17 @@ import os
 import torch
 
 
+def choose_accelerator() -> None:
+    """DeepSpeed's CPU accelerator when there is no GPU, chosen before DeepSpeed is imported
+    (left to itself, it warns on every command that it could not detect a GPU)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def prepare_deepspeed():
     """Import DeepSpeed for this machine: the CPU accelerator when there is no GPU, and no JIT
     build of the shared-memory communication op (gloo does the work)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    choose_accelerator()
     import deepspeed
     import deepspeed.ops
 
@@ -22,10 +28,12 @@ def prepare_deepspeed():
 
 def init_distributed(deepspeed) -> tuple[int, int]:
     """Join the process group the environment describes. A plain single process (no
-    WORLD_SIZE) makes a world of one over an in-memory store: it opens no rendezvous port."""
+    WORLD_SIZE, or a world of one with no rendezvous address, as a parent process that ran
+    one leaves behind) makes a world of one over an in-memory store: it opens no port."""
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "WORLD_SIZE" not in os.environ:
+        alone = os.environ.get("WORLD_SIZE", "1") == "1" and "MASTER_ADDR" not in os.environ
+        if alone:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
             store = torch.distributed.HashStore()
             torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)

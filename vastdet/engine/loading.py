@@ -16,17 +16,60 @@ from vastdet.engine.partitions import consolidated_weights
 EXPORT_FORMAT = "vastdet.model/1"
 
 
+class NotARunError(FileNotFoundError):
+    """A path given as a run folder that is not one (missing, a shard or checkpoint folder, a
+    run without a complete checkpoint); the message says what to give instead."""
+
+
+RUN_HINT = "give a run folder (a training config's output_dir) or an exported model file"
+
+
+def check_run_dir(path: str | os.PathLike, needs_checkpoint: bool = True) -> Path:
+    """`path` as a run folder, or `NotARunError` saying what it is and what to give."""
+    run = Path(path)
+    if not run.exists():
+        raise NotARunError(f"{run} does not exist: {RUN_HINT}")
+    if not run.is_dir():
+        return run
+    if (run / "config.json").is_file() or (run / "metrics.jsonl").is_file():
+        tags = checkpoints.complete_tags(run / "checkpoints")
+        if needs_checkpoint and not tags:
+            partial = sorted((run / "checkpoints").glob("*.partial"))
+            detail = f" ({len(partial)} partial, cut short)" if partial else ""
+            raise NotARunError(
+                f"run {run} has no complete checkpoint yet{detail}: train it on "
+                f"(`vastdet train --config ...` resumes) until it saves one"
+            )
+        return run
+    if run.name == "checkpoints" and (run.parent / "config.json").is_file():
+        raise NotARunError(
+            f"{run} is the checkpoint folder of run {run.parent}: give the run folder, {run.parent}"
+        )
+    if checkpoints.TAG.match(run.name) and (run.parent.parent / "config.json").is_file():
+        raise NotARunError(
+            f"{run} is one checkpoint of run {run.parent.parent}: give the run folder "
+            f"({run.parent.parent}; `vastdet export --tag {run.name}` picks this one)"
+        )
+    if (
+        any(run.glob("manifest.json"))
+        or any(run.glob("*/manifest.json"))
+        or any(run.glob("*/*/manifest.json"))
+    ):
+        raise NotARunError(f"{run} holds shards, not a trained run: {RUN_HINT}")
+    raise NotARunError(f"{run} is not a run folder (no config.json): {RUN_HINT}")
+
+
 def consolidated_state(
     run_dir: str | os.PathLike, tag: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(fp32 state dict, run config, tag) of a run's checkpoint (default: the newest complete
     one), gathered from ZeRO partitions when there are any. Every file is read as data only
     (`vastdet.engine.partitions`): a run folder may come from anyone."""
-    run = Path(run_dir)
+    run = check_run_dir(run_dir)
     ckpt_dir = run / "checkpoints"
     tags = checkpoints.complete_tags(ckpt_dir)
-    if not tags:
-        raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
+    if tag is not None and tag not in tags:
+        raise NotARunError(f"run {run} has no complete checkpoint {tag} (it has {', '.join(tags)})")
     tag = tag or tags[-1]
     state = consolidated_weights(ckpt_dir / tag)
     return state, json.loads((run / "config.json").read_text()), tag
@@ -56,18 +99,41 @@ def _model_from_state(state: dict, config: dict, source: str):
 def load_model(path: str | os.PathLike):
     """(model in eval mode, postprocessor, run config) from an exported file or a run folder
     (its newest complete checkpoint, consolidated in memory)."""
-    if Path(path).is_dir():
+    if check_run_dir(path).is_dir():
         state, config, _ = consolidated_state(path)
         return _model_from_state(state, config, str(path))
     return load_exported(path)
 
 
 def read_exported(path: str | os.PathLike) -> dict:
-    """An exported file's payload; names a file that is not one."""
+    """An exported file's payload (a PyTorch file or safetensors); names a file that is not
+    one."""
+    if Path(path).suffix == ".safetensors":
+        return read_exported_safetensors(path)
     payload = load_data(path)  # an exported model is data a user hands us, never code to run
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
     return payload
+
+
+def read_exported_safetensors(path: str | os.PathLike) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if metadata.get("format") != EXPORT_FORMAT or "category_ids" not in state:
+        raise ValueError(f"{path} is not a vastdet exported model (make one with `vastdet export`)")
+    return {
+        "format": EXPORT_FORMAT,
+        "model": state,
+        "category_ids": state["category_ids"],
+        "config": metadata["config"],
+        "tag": metadata.get("tag"),
+    }
 
 
 def load_exported(path: str | os.PathLike):

@@ -76,7 +76,7 @@ class RunLog:
         self._write(row)
         self.board.scalars("train", row, row["step"])
 
-    def evaluation(self, step: int, metrics: dict, results: list[dict], val_shards, names) -> None:
+    def evaluation(self, step: int, metrics: dict, results, val_shards, names) -> None:
         """An evaluation's numbers as `val_<name>` at `step`; a few val images drawn."""
         row = evaluation_row(step, metrics)
         self._write(row)

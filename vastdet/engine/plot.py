@@ -60,26 +60,52 @@ def chart_keys(keys, records: list[dict]) -> list[str]:
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """One PNG per chart family, against the step; returns the files written."""
-    plt = pyplot()
-    run = Path(run_dir)
+    from vastdet.engine.loading import check_run_dir
+
+    run = check_run_dir(run_dir, needs_checkpoint=False)
     records = read_metrics(run)
     if not records:
-        raise ValueError(f"{run / 'metrics.jsonl'} has no records yet")
+        raise ValueError(
+            f"{run / 'metrics.jsonl'} has no records yet: the run logs every log_every steps"
+        )
     out = Path(out_dir or run / "plots")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, keys in CHARTS.items():
-        present = chart_keys(keys, records)
-        if not present:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in present:
-            points = [(r["step"], r[key]) for r in records if key in r]
-            marker = "o" if key.startswith("val_") else None  # evaluations are few points
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker)
-        ax.set_xlabel("step")
-        ax.set_title(f"{run.name}: {name[:-4].replace('_', ' ')}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        written.append(save_figure(fig, out / name))
+    for name in CHARTS:
+        fig = chart(records, name, run.name)
+        if fig is not None:
+            written.append(save_figure(fig, out / name))
     return written
+
+
+Y_LABELS = {
+    "losses.png": "loss (each term as weighted in the total)",
+    "learning_rate.png": "learning rate",
+    "validation_ap.png": "AP on the val shards",
+    "validation_other.png": "value on the val shards",
+    "throughput.png": "images / s (all ranks)",
+    "data_wait.png": "share of wall time waiting for data",
+}
+
+
+def chart(records: list[dict], name: str, run_name: str):
+    """The figure of chart `name` (a key of CHARTS) over `records`, against the step, its
+    legend beside the axes so that no curve is hidden; None when no record has its keys."""
+    present = chart_keys(CHARTS[name], records)
+    if not present:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key in present:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        marker = "o" if key.startswith("val_") else None  # evaluations are few points
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker=marker)
+    ax.set(xlabel="step", ylabel=Y_LABELS[name], title=f"{run_name}: {name[:-4].replace('_', ' ')}")
+    ax.grid(alpha=0.3)
+    outside_legend(ax)
+    return fig
+
+
+def outside_legend(ax) -> None:
+    """The axes' legend to the right of its plotting area, clear of the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)

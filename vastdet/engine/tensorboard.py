@@ -21,16 +21,23 @@ PREVIEW_SCORE = 0.3  # detections drawn on them: at least this score
 
 
 class RunBoard:
-    """The run's event writer (rank 0 only; other ranks pass `enabled=False`)."""
+    """The run's event writer (rank 0 only; other ranks pass `enabled=False`). The event file
+    is opened with the first thing written, so a run that has nothing to add (a finished run
+    started again) leaves no new file."""
 
     def __init__(self, output_dir: str | os.PathLike, start_step: int, enabled: bool = True):
-        self.writer = None
-        if enabled:
+        self.enabled, self.output_dir, self.start_step = enabled, output_dir, start_step
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None and self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(
-                logdir=str(output_dir), purge_step=start_step or None, flush_secs=30
+            self._writer = SummaryWriter(
+                logdir=str(self.output_dir), purge_step=self.start_step or None, flush_secs=30
             )
+        return self._writer
 
     def scalars(self, prefix: str, row: dict, step: int) -> None:
         if self.writer is None:
@@ -39,8 +46,9 @@ class RunBoard:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
-    def detections(self, val_shards, results: list[dict], step: int, names: dict) -> None:
-        """The first val images with their detections scoring >= PREVIEW_SCORE, drawn."""
+    def detections(self, val_shards, results, step: int, names: dict) -> None:
+        """The first val images with their detections (`BoxArrays`) scoring >= PREVIEW_SCORE,
+        drawn."""
         if self.writer is None:
             return
         from pipelines.preview import draw_boxes, iter_samples
@@ -49,11 +57,10 @@ class RunBoard:
         shards = val_shards if isinstance(val_shards, ShardSet) else ShardSet.open(val_shards)
         drawn = []
         for image, meta in iter_samples(shards, PREVIEW_IMAGES):
-            dets = [
-                r
-                for r in results
-                if r["image_id"] == meta["image_id"] and r["score"] >= PREVIEW_SCORE
-            ]
+            rows = np.flatnonzero(
+                (results.image_ids == meta["image_id"]) & (results.scores >= PREVIEW_SCORE)
+            )
+            dets = results.take(rows).result_dicts()
             texts = [
                 f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}" for d in dets
             ]
@@ -62,8 +69,8 @@ class RunBoard:
             self.writer.add_image(f"val/detections/{k}", picture, step, dataformats="HWC")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def event_files(run_dir: str | os.PathLike) -> list[Path]:

@@ -24,7 +24,7 @@ import torch
 from vastdet.engine import checkpoints
 from vastdet.engine.config import OptimConfig, TrainConfig, load_train_config
 from vastdet.engine.distributed import init_distributed, prepare_deepspeed
-from vastdet.engine.metrics import LOGGED_TERMS, RunLog
+from vastdet.engine.metrics import LOGGED_TERMS, RunLog, evaluation_rows, training_rows
 from vastdet.engine.partitions import DataOnlyCheckpointEngine
 from vastdet.engine.threads import keep_freed_memory, set_threads
 
@@ -225,6 +225,16 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    if step >= cfg.steps and _finished_earlier(cfg, rank):
+        log.info("%s finished earlier (step %d, evaluated): nothing to do", out_dir, step)
+        return {
+            "step": step,
+            "last": (training_rows(out_dir) or [{}])[-1] if rank == 0 else {},
+            "skipped_steps": 0,
+            "rank": rank,
+            "world_size": world,
+            "eval": _recorded_evaluation(out_dir) if rank == 0 else None,
+        }
     run_log = RunLog(out_dir, step, enabled=rank == 0)
     names = taxonomy.category_names()
     known = taxonomy.category_ids().tolist()  # samples with other category ids are skipped
@@ -235,98 +245,106 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
 
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=rank != 0)
     engine.train()
-    while step < cfg.steps:
-        loader = train_loader(
-            shards,
-            cfg.data.batch_size,
-            cfg.steps_per_epoch * cfg.grad_accum,
-            transforms,
-            seed=cfg.seed,
-            epoch=epoch,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            repeat_threshold=cfg.data.repeat_threshold,
-            num_workers=cfg.data.num_workers,
-            group_by_aspect=cfg.data.group_by_aspect,
-            categories=known,
-            worker_nice=cfg.data.worker_nice,
-        )
-        wait_start, tick = time.perf_counter(), time.perf_counter()
-        images_seen, waited = 0, 0.0
-        for index, batch in enumerate(loader):
-            if index < consumed:  # resuming inside an epoch: the stream is replayed up to here
-                wait_start = time.perf_counter()
-                continue
-            waited += time.perf_counter() - wait_start
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.optim.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg.optim)
-            images, masks, targets = _to_device(batch, engine.device)
-            losses = criterion(engine(images, masks, targets), targets)
-            loss = criterion.weighted_sum(losses)
-            finite = torch.tensor([float(torch.isfinite(loss))], device=engine.device)
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            consumed = index + 1
-            if finite.item() < 1:  # every rank skips together, so collectives stay in step
-                nonfinite += 1
-                skipped_steps += 1
-                log.warning(
-                    "non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite
-                )
-                if nonfinite > cfg.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{nonfinite} consecutive non-finite losses at step {step}: lower the learning rate, "
-                        "check the data (`vastdet data inspect`) or raise max_nonfinite"
+    try:  # the bar's line ends before anything a stop prints (an error, a signal)
+        while step < cfg.steps:
+            loader = train_loader(
+                shards,
+                cfg.data.batch_size,
+                cfg.steps_per_epoch * cfg.grad_accum,
+                transforms,
+                seed=cfg.seed,
+                epoch=epoch,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                repeat_threshold=cfg.data.repeat_threshold,
+                num_workers=cfg.data.num_workers,
+                group_by_aspect=cfg.data.group_by_aspect,
+                categories=known,
+                worker_nice=cfg.data.worker_nice,
+            )
+            wait_start, tick = time.perf_counter(), time.perf_counter()
+            images_seen, waited = 0, 0.0
+            for index, batch in enumerate(loader):
+                if index < consumed:  # resuming inside an epoch: the stream is replayed up to here
+                    wait_start = time.perf_counter()
+                    continue
+                waited += time.perf_counter() - wait_start
+                for group in optimizer.param_groups:
+                    group["lr"] = (
+                        cfg.optim.lr * group.get("lr_mult", 1.0) * lr_factor(step, cfg.optim)
                     )
-                wait_start = time.perf_counter()
-                continue
-            nonfinite = 0
-            engine.backward(loss)
-            engine.step()
-            images_seen += len(batch)
-            if engine.is_gradient_accumulation_boundary() or cfg.grad_accum == 1:
-                step += 1
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    elapsed = time.perf_counter() - tick
-                    last = {
-                        "step": step,
-                        "epoch": epoch,
-                        "world_size": world,
-                        **_logged_losses(loss, losses, criterion),
-                        "lr": cfg.optim.lr * lr_factor(step - 1, cfg.optim),
-                        "images_per_s": images_seen * world / max(elapsed, 1e-9),
-                        "data_wait_share": waited / max(elapsed, 1e-9),  # of the wall time
-                        "skipped_samples": sum(loader.skipped().values()),
-                        "skipped": loader.skipped(),  # this rank's, by kind, this epoch
-                        "skipped_steps": skipped_steps,
-                    }
-                    run_log.training(last)
-                    if hooks.on_log is not None:
-                        hooks.on_log(last)
-                    tick, images_seen, waited = time.perf_counter(), 0, 0.0
-                if cfg.checkpoint_step(step):
-                    state = {
-                        "step": step,
-                        "epoch": epoch,
-                        "batches_in_epoch": consumed,
-                        "config": cfg.to_dict(),
-                        "rng": _gathered_rng_states(),
-                    }
-                    saved = checkpoints.save(engine, ckpt_dir, step, state, cfg.keep_checkpoints)
-                    if hooks.on_checkpoint is not None:
-                        hooks.on_checkpoint(saved, step, last if last.get("step") == step else {})
-                if cfg.data.val_shards and cfg.eval_every and step % cfg.eval_every == 0:
-                    if step < cfg.steps:  # the final step's evaluation follows the loop
-                        evaluation = _evaluate(engine, post, cfg, rank, criterion, step)
-                        if evaluation is not None:
-                            run_log.evaluation(step, *evaluation, cfg.data.val_shards, names)
+                images, masks, targets = _to_device(batch, engine.device)
+                losses = criterion(engine(images, masks, targets), targets)
+                loss = criterion.weighted_sum(losses)
+                finite = torch.tensor([float(torch.isfinite(loss))], device=engine.device)
+                if torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                consumed = index + 1
+                if finite.item() < 1:  # every rank skips together, so collectives stay in step
+                    nonfinite += 1
+                    skipped_steps += 1
+                    log.warning(
+                        "non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite
+                    )
+                    if nonfinite > cfg.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite} consecutive non-finite losses at step {step}: lower the learning rate, "
+                            "check the data (`vastdet data inspect`) or raise max_nonfinite"
+                        )
+                    wait_start = time.perf_counter()
+                    continue
+                nonfinite = 0
+                engine.backward(loss)
+                engine.step()
+                images_seen += len(batch)
+                if engine.is_gradient_accumulation_boundary() or cfg.grad_accum == 1:
+                    step += 1
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        elapsed = time.perf_counter() - tick
+                        last = {
+                            "step": step,
+                            "epoch": epoch,
+                            "world_size": world,
+                            **_logged_losses(loss, losses, criterion),
+                            "lr": cfg.optim.lr * lr_factor(step - 1, cfg.optim),
+                            "images_per_s": images_seen * world / max(elapsed, 1e-9),
+                            "data_wait_share": waited / max(elapsed, 1e-9),  # of the wall time
+                            "skipped_samples": sum(loader.skipped().values()),
+                            "skipped": loader.skipped(),  # this rank's, by kind, this epoch
+                            "skipped_steps": skipped_steps,
+                        }
+                        run_log.training(last)
+                        if hooks.on_log is not None:
+                            hooks.on_log(last)
                         tick, images_seen, waited = time.perf_counter(), 0, 0.0
-            if step >= cfg.steps:
-                break
-            wait_start = time.perf_counter()
-        if step < cfg.steps:
-            epoch, consumed = epoch + 1, 0
-    bar.close()
+                    if cfg.checkpoint_step(step):
+                        state = {
+                            "step": step,
+                            "epoch": epoch,
+                            "batches_in_epoch": consumed,
+                            "config": cfg.to_dict(),
+                            "rng": _gathered_rng_states(),
+                        }
+                        saved = checkpoints.save(
+                            engine, ckpt_dir, step, state, cfg.keep_checkpoints
+                        )
+                        if hooks.on_checkpoint is not None:
+                            hooks.on_checkpoint(
+                                saved, step, last if last.get("step") == step else {}
+                            )
+                    if cfg.data.val_shards and cfg.eval_every and step % cfg.eval_every == 0:
+                        if step < cfg.steps:  # the final step's evaluation follows the loop
+                            evaluation = _evaluate(engine, post, cfg, rank, criterion, step)
+                            if evaluation is not None:
+                                run_log.evaluation(step, *evaluation, cfg.data.val_shards, names)
+                            tick, images_seen, waited = time.perf_counter(), 0, 0.0
+                if step >= cfg.steps:
+                    break
+                wait_start = time.perf_counter()
+            if step < cfg.steps:
+                epoch, consumed = epoch + 1, 0
+    finally:
+        bar.close()
     evaluation = None
     if cfg.data.val_shards and cfg.eval_at_end:
         out = _evaluate(engine, post, cfg, rank, criterion, step)
@@ -342,6 +360,24 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
         "world_size": world,
         "eval": evaluation,
     }
+
+
+def _finished_earlier(cfg: TrainConfig, rank: int) -> bool:
+    """Whether a run resumed at its last step has nothing left to do: no final evaluation is
+    asked for, or rank 0's metrics.jsonl records it (rank 0 decides for every rank)."""
+    done = not (cfg.data.val_shards and cfg.eval_at_end)
+    if not done and rank == 0:
+        done = any(r["step"] >= cfg.steps for r in evaluation_rows(cfg.output_dir))
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        decision = [done]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        done = decision[0]
+    return done
+
+
+def _recorded_evaluation(out_dir: Path) -> dict | None:
+    path = out_dir / "eval" / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _evaluate(

@@ -78,22 +78,29 @@ def draw(
     names: dict[int, str],
     iou: float = 0.7,
     score: float = 0.5,
-) -> list[Path]:
-    """Write the figures; returns their paths."""
-    from vastdet.engine.plot import pyplot, save_figure
+) -> tuple[list[Path], list[str]]:
+    """Write the figures; returns their paths, and a note for each figure not written because
+    it would be empty (a category without a successful detection)."""
+    from vastdet.engine.plot import outside_legend, pyplot, save_figure
 
     plt = pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, notes = [], []
     for category in categories:
         rows = successful_rows(images, category, iou, score)
         label = f"{names.get(category, category)} (#{category})"
+        if not len(rows):
+            notes.append(
+                f"{label}: no detection with IoU > {iou} and score > {score} in "
+                f"{len(images)} images, so no W^D figure (lower --score or --iou, or train "
+                "longer)"
+            )
+            continue
         fig, (heat, mean) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=(3, 2))
-        if len(rows):
-            heat.imshow(rows.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-            mean.bar(range(rows.shape[1]), rows.mean(0).numpy())
+        heat.imshow(rows.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        mean.bar(range(rows.shape[1]), rows.mean(0).numpy())
         heat.set(
             title=f"{label}: W^D of {len(rows)} detections", xlabel="pattern", ylabel="detection"
         )
@@ -119,9 +126,11 @@ def draw(
             xlabel="PC 1",
             ylabel="PC 2",
         )
-        ax.legend(fontsize=7)
+        outside_legend(ax)
         written.append(save_figure(fig, out / "patterns_images_map.png"))
-    return written
+    else:
+        notes.append(f"{len(images)} image(s) with pattern weights: no map of the images drawn")
+    return written, notes
 
 
 def run_pattern_maps(
@@ -133,9 +142,10 @@ def run_pattern_maps(
     score: float = 0.5,
     batch_size: int = 2,
     limit: int | None = None,
-) -> list[Path]:
-    """`vastdet patterns`: load the model, run the val shards (at most `limit` images), draw.
-    Without `categories`, the three most frequent ground-truth categories are drawn."""
+) -> tuple[list[Path], list[str]]:
+    """`vastdet patterns`: load the model, run the val shards (at most `limit` images), draw
+    (`draw`: the figures written and notes on those left out). Without `categories`, the
+    three most frequent ground-truth categories are drawn."""
     from itertools import islice
 
     from pipelines.loader import eval_loader
