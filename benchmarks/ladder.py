@@ -57,6 +57,7 @@ RUNGS = (20, 200, 2000, 13204)
 BACKBONE = "vastdet:resnet18_synth"
 BATCH, LR, SELECTOR_LR = 4, 1e-3, 5e-4
 LEVELS = (0, 1, 2)
+FLOOR = 1e-5  # where the plot draws a zero
 LOW = {"pattern": r"^(backbone|category_queries|selector)\.", "lr_mult": 0.1}
 METHODS = {
     "dino": {"preset": "dino_tiny"},
@@ -288,11 +289,15 @@ def plot(results: dict[int, dict[str, dict]], out: Path) -> None:
     methods = sorted({m for rung in results.values() for m in rung})
     for ax, key in zip(axes, ("AP50", "AP")):
         for method in methods:
-            points = [(c, r[method][key]) for c, r in sorted(results.items()) if method in r]
+            points = [
+                (c, max(r[method][key], FLOOR)) for c, r in sorted(results.items()) if method in r
+            ]
             if points:
                 style = "--" if method == "random boxes" else "-"
                 ax.plot(*zip(*points), style, marker="o", label=method)
-        ax.set(xscale="log", xlabel="categories C", ylabel=f"held-out {key}")
+        # log scale: the methods differ by factors at large C, where both are near zero
+        ax.set(xscale="log", yscale="log", xlabel="categories C")
+        ax.set_ylabel(f"held-out {key} (log; 0 drawn at {FLOOR:g})")
         ax.grid(alpha=0.3)
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.suptitle("the vocabulary ladder: same renderer, same CPU time per method on a rung")
