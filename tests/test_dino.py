@@ -144,6 +144,7 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     assert (full.num_queries, full.dn_number, full.matcher_costs) == (900, 100, (2.0, 5.0, 2.0))
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_synthetic_image():
     """Detection losses (final, auxiliary and encoder predictions) fall >= 10x and the object is
     found. Denoising draws fresh noise every step, so its loss falls but cannot reach zero."""

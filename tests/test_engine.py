@@ -129,6 +129,7 @@ def run(config_path: Path, world: int = 1) -> list[dict]:
     return training_rows(cfg["output_dir"])
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
     straight = run(config(dataset, tmp_path / "straight", evaluate=True))
     assert [m["step"] for m in straight] == list(range(1, 9))

@@ -54,6 +54,7 @@ def test_local_ray_listens_on_loopback_only():
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
 
 
+@pytest.mark.slow
 def test_engine_runs_as_two_ray_train_workers(local_ray, dataset, tmp_path):  # noqa: F811
     cfg = yaml.safe_load(
         config(dataset, tmp_path / "ray", zero_stage=2, steps=4, checkpoint_every=4).read_text()
@@ -66,6 +67,7 @@ def test_engine_runs_as_two_ray_train_workers(local_ray, dataset, tmp_path):  # 
     assert (tmp_path / "ray" / "checkpoints" / "step_00000004").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # Ray on a busy 2-core machine starts slowly
 def test_a_killed_worker_is_restarted_and_the_run_resumes(local_ray, dataset, tmp_path):  # noqa: F811
     out = tmp_path / "killed"
