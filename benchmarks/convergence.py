@@ -91,26 +91,32 @@ def easy_dataset(work: Path, categories: int, train: int, val: int, seed: int = 
     return tax_file, data
 
 
+def data_settings(tax: Path, data: Path, validate: bool) -> dict:
+    """A run's `data` block over a synthetic set's shards (128-160 px images, batch BATCH); the
+    val shards only when the run evaluates. Shared with `ladder.py`."""
+    return {
+        "train_shards": str(data / "shards" / "train"),
+        "val_shards": str(data / "shards" / "val") if validate else None,
+        "categories": str(tax),
+        "batch_size": BATCH,
+        "num_workers": 1,
+        "shuffle_buffer": 200,
+        "transforms": {
+            "scales": [128, 144, 160],
+            "max_size": 192,
+            "crop_resize": [],
+            "eval_size": 144,
+        },
+    }
+
+
 def config(
     work: Path, name: str, model: dict, tax: Path, data: Path, steps: int, every: int,
     lr: float = LR, groups: list | None = None, decay: bool = True,
 ):  # fmt: skip
     cfg = {
         "model": {"backbone_weights": None, **model},  # from random weights, as recorded
-        "data": {
-            "train_shards": str(data / "shards" / "train"),
-            "val_shards": str(data / "shards" / "val") if every else None,
-            "categories": str(tax),
-            "batch_size": BATCH,
-            "num_workers": 1,
-            "shuffle_buffer": 200,
-            "transforms": {
-                "scales": [128, 144, 160],
-                "max_size": 192,
-                "crop_resize": [],
-                "eval_size": 144,
-            },
-        },  # fmt: skip
+        "data": data_settings(tax, data, validate=bool(every)),
         "optim": {
             "lr": lr,
             "param_groups": groups or [],

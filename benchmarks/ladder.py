@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from bench_end_to_end import random_baseline, run
+from convergence import BATCH, data_settings
 
 from vastdet.engine.metrics import training_rows
 
@@ -55,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 V3DET = ROOT / "tests" / "data" / "v3det"
 RUNGS = (20, 200, 2000, 13204)
 BACKBONE = "vastdet:resnet18_synth"
-BATCH, LR, SELECTOR_LR = 4, 1e-3, 5e-4
+LR, SELECTOR_LR = 1e-3, 5e-4  # BATCH (4) is convergence.py's, with its data settings
 LEVELS = (0, 1, 2)
 FLOOR = 1e-5  # where the plot draws a zero
 LOW = {"pattern": r"^(backbone|category_queries|selector)\.", "lr_mult": 0.1}
@@ -152,20 +153,7 @@ def train_config(
 ) -> Path:  # fmt: skip
     cfg = {
         "model": {**model, "backbone_weights": BACKBONE},
-        "data": {
-            "train_shards": str(data / "shards" / "train"),
-            "val_shards": str(data / "shards" / "val") if evaluate else None,
-            "categories": str(tax),
-            "batch_size": BATCH,
-            "num_workers": 1,
-            "shuffle_buffer": 200,
-            "transforms": {
-                "scales": [128, 144, 160],
-                "max_size": 192,
-                "crop_resize": [],
-                "eval_size": 144,
-            },
-        },
+        "data": data_settings(tax, data, validate=evaluate),
         "optim": {
             "lr": lr,
             "param_groups": groups,
