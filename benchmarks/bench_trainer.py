@@ -134,7 +134,7 @@ def engine(
     work: Path, name: str, model: str, shards: Path, batch: int, steps: int, world: int, nice: int
 ) -> dict:
     """(images/s, data-wait share), medians over the logged intervals after the first."""
-    from vastdet.engine.metrics import training_rows
+    from vastdet.runtime.metrics import training_rows
 
     cfg = {
         "model": model,

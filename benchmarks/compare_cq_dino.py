@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench_end_to_end import evaluate_run, prepare, random_baseline, run, train_config
 
-from vastdet.engine.metrics import training_rows
+from vastdet.runtime.metrics import training_rows
 
 BATCH, LR = 4, 4e-4
 LOW = [{"pattern": r"^(backbone|category_queries|selector)\.", "lr_mult": 0.01}]

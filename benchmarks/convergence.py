@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 from bench_end_to_end import random_baseline, run
 
-from vastdet.engine.metrics import evaluation_rows
+from vastdet.runtime.metrics import evaluation_rows
 
 METHODS = {
     "dino": {"preset": "dino_tiny"},
@@ -172,7 +172,7 @@ def finished(work: Path, name: str, steps: int) -> bool:
 
 
 def plot(work: Path, names: list[str], out: Path) -> None:
-    from vastdet.engine.plot import outside_legend, pyplot, save_figure
+    from vastdet.runtime.plot import outside_legend, pyplot, save_figure
 
     plt = pyplot()
 

@@ -50,7 +50,7 @@ import yaml
 from bench_end_to_end import random_baseline, run
 from convergence import BATCH, data_settings
 
-from vastdet.engine.metrics import training_rows
+from vastdet.runtime.metrics import training_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 V3DET = ROOT / "tests" / "data" / "v3det"
@@ -270,7 +270,7 @@ def table(size: int, results: dict[str, dict]) -> str:
 
 
 def plot(results: dict[int, dict[str, dict]], out: Path) -> None:
-    from vastdet.engine.plot import pyplot, save_figure
+    from vastdet.runtime.plot import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench_end_to_end import run
 from convergence import config, easy_dataset
 
-from vastdet.engine.metrics import evaluation_rows
+from vastdet.runtime.metrics import evaluation_rows
 
 STARTS = {
     "pretrained": {"backbone_weights": "vastdet:resnet18_synth"},

@@ -103,7 +103,7 @@ def absolute(location: str | None) -> str | None:
     """A path made absolute from this process's folder (Ray workers run in folders of their
     own, where a relative path names nothing); URLs and shipped weights as they are."""
     from pipelines.sources import is_url
-    from vastdet.models.backbone import SHIPPED_SCHEME
+    from vastdet.runtime.weights import SHIPPED_SCHEME
 
     if not location or is_url(location) or location.startswith(SHIPPED_SCHEME):
         return location  # a URL, or weights that ship with vastdet (`vastdet:<name>`)
@@ -205,7 +205,7 @@ class Pipeline:
     def train_stage(self, step: str, stage: TrainConfig, upstream: str | None) -> str:
         """Run (or skip) a training stage; returns its final checkpoint's path in storage."""
         from cluster.workers import fetch_checkpoint, train_worker
-        from vastdet.engine.plot import plot_run
+        from vastdet.runtime.plot import plot_run
 
         settings = absolute_paths(dataclasses.asdict(stage))
         key = fingerprint({"stage": settings, "init": upstream, "workers": self.cfg.num_workers})
@@ -234,8 +234,8 @@ class Pipeline:
 
     def evaluate(self, upstream: str) -> dict:
         from cluster.workers import eval_worker
-        from vastdet.engine.metrics import append_evaluation
-        from vastdet.engine.plot import plot_run
+        from vastdet.runtime.metrics import append_evaluation
+        from vastdet.runtime.plot import plot_run
 
         cfg, stage2 = self.cfg.evaluation, self.cfg.stage2
         settings = dataclasses.asdict(cfg.settings or stage2.eval)
@@ -277,7 +277,7 @@ class Pipeline:
         """{stage1, stage2: each stage's last training row, eval: the evaluation's metrics or
         None, steps: the pipeline's record}."""
         from cluster.progress import ProgressPrinter
-        from vastdet.engine.metrics import training_rows
+        from vastdet.runtime.metrics import training_rows
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         summary: dict = {}

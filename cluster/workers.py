@@ -44,7 +44,7 @@ def fetch_checkpoint(checkpoint, run_dir: Path, fresh: bool = False) -> str | No
     that travel with it (config.json, metrics.jsonl up to that step) beside, where they are
     missing; with `fresh`, in place of what `run_dir` holds. Returns the tag (None for a
     checkpoint without one)."""
-    from vastdet.engine import checkpoints
+    from vastdet.runtime import checkpoints
 
     with checkpoint.as_directory() as local:
         note = Path(local) / NOTE
@@ -122,7 +122,7 @@ def node_output(output_dir: str, run: str) -> str:
 def drop_newer_checkpoints(run_dir: Path, tag: str) -> None:
     """Remove this node's checkpoints newer than the one Ray restored: they were never
     reported, another node's rank may not have them, and every rank must resume from one step."""
-    from vastdet.engine import checkpoints
+    from vastdet.runtime import checkpoints
 
     for other in checkpoints.complete_tags(run_dir / "checkpoints"):
         if other > tag:

@@ -168,8 +168,8 @@ def test_runs_written_before_backbone_norm_restore_with_frozen_batch_norm():
     from dataclasses import asdict
 
     from vastdet.config import from_dict
-    from vastdet.engine.loading import _model_from_state
     from vastdet.models.build import ModelConfig, build_model
+    from vastdet.runtime.loading import _model_from_state
 
     cfg = from_dict(ModelConfig, {"preset": "dino_tiny", "backbone_norm": "frozen_bn"})
     model, _, _ = build_model(cfg, [1, 2, 3], weights_follow=True)
@@ -184,7 +184,7 @@ def test_the_shipped_backbone_loads_as_data_and_matches_its_record():
     from safetensors import safe_open
 
     from taxonomy.files import file_sha256
-    from vastdet.models.backbone import read_state, resolve_weights, shipped_record
+    from vastdet.runtime.weights import read_state, resolve_weights, shipped_record
 
     record = shipped_record("resnet18_synth")
     path = resolve_weights("vastdet:resnet18_synth")
@@ -205,7 +205,7 @@ def test_the_shipped_backbone_loads_as_data_and_matches_its_record():
 def test_a_changed_shipped_file_is_refused(tmp_path, monkeypatch):
     import shutil
 
-    from vastdet.models import backbone
+    from vastdet.runtime import weights as backbone
 
     shipped = backbone.SHIPPED_DIR / backbone.SHIPPED["resnet18_synth"]
     copy = tmp_path / shipped.name
@@ -281,8 +281,9 @@ def test_resnet_weights_load_from_a_detectors_checkpoint_under_its_prefix(tmp_pa
     import torchvision
 
     from vastdet.config import from_dict
-    from vastdet.models.backbone import build_backbone, detect_prefix
+    from vastdet.models.backbone import build_backbone
     from vastdet.models.build import ModelConfig
+    from vastdet.runtime.weights import detect_prefix
 
     reference = torchvision.models.resnet18(weights=None).state_dict()
     own = [k for k in reference if not k.startswith("fc.")]

@@ -226,7 +226,7 @@ def test_postprocess_maps_slots_to_category_ids():
 
 
 def test_stage_one_weights_hand_over_to_stage_two(tmp_path):
-    from vastdet.engine.loading import load_weights_from
+    from vastdet.runtime.loading import load_weights_from
 
     tax = flat_taxonomy()
     stage1, selection, post = build_model(tiny("cq_selector"), tax.category_ids(), tax)

@@ -22,8 +22,8 @@ from PIL import Image
 from pipelines.shards import write_shards
 from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records
 from taxonomy import Node, Taxonomy, save_taxonomy
-from vastdet.engine.metrics import evaluation_rows, read_metrics, training_rows
 from vastdet.evaluation.predict import DRAW_MIN_SIDE, category_names, clip_xywh
+from vastdet.runtime.metrics import evaluation_rows, read_metrics, training_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_resumed_run_matches_an_uninterrupted_one(dataset, tmp_path):
 
     tensors = load_file(safe)
     assert set(tensors) == set(saved) and all(torch.equal(tensors[k], saved[k]) for k in saved)
-    from vastdet.engine.loading import load_model
+    from vastdet.runtime.loading import load_model
 
     model, _, safe_config = load_model(safe)
     assert safe_config == json.loads(payload["config"])
@@ -301,8 +301,8 @@ def check_consolidation(tag: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from vastdet.config import load_config
-    from vastdet.engine.partitions import consolidated_weights
     from vastdet.models.build import ModelConfig, build_model
+    from vastdet.runtime.partitions import consolidated_weights
 
     ours = consolidated_weights(tag)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its progress
@@ -352,7 +352,7 @@ def test_a_single_process_run_opens_no_port_on_every_interface():
     it listens on is bound to a wildcard address."""
     code = (
         "import json, psutil, torch\n"
-        "from vastdet.engine.distributed import init_distributed, prepare_deepspeed\n"
+        "from vastdet.runtime.distributed import init_distributed, prepare_deepspeed\n"
         "print(init_distributed(prepare_deepspeed()))\n"
         "torch.distributed.all_reduce(torch.ones(1))\n"
         "print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections('inet')"
@@ -492,8 +492,8 @@ def tensorboard_events(run_dir: Path) -> dict:
 def test_an_evaluation_made_elsewhere_ends_the_learning_curve(tmp_path):
     """A pipeline's evaluation job adds its numbers to the stage's record at the final step
     (replacing an evaluation already there), and the learning curve draws every depth."""
-    from vastdet.engine.metrics import append_evaluation
-    from vastdet.engine.plot import CHARTS, chart_keys
+    from vastdet.runtime.metrics import append_evaluation
+    from vastdet.runtime.plot import CHARTS, chart_keys
 
     rows = [{"step": 1, "loss": 2.0}, {"step": 2, "val_AP": 0.1}, {"step": 4, "val_AP": 0.2}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -514,7 +514,7 @@ def test_a_world_of_one_left_in_the_environment_needs_no_rendezvous_address():
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", OMP_NUM_THREADS="1")
     code = (
-        "from vastdet.engine.distributed import init_distributed, prepare_deepspeed\n"
+        "from vastdet.runtime.distributed import init_distributed, prepare_deepspeed\n"
         "print(init_distributed(prepare_deepspeed()))"
     )
     done = subprocess.run(
@@ -532,7 +532,7 @@ def test_a_signal_stops_training_with_one_line_naming_the_checkpoint_to_resume_f
     that resumes; no traceback from the trainer or its workers."""
     import time
 
-    from vastdet.engine.checkpoints import complete_tags
+    from vastdet.runtime.checkpoints import complete_tags
 
     out = tmp_path / "stopped"
     cfg = config(dataset, out, steps=400, checkpoint_every=2)

@@ -19,7 +19,7 @@ import yaml
 from test_engine import REPO, config, dataset  # noqa: F401 - the shared fixture
 from test_ray_cluster import s3_server  # noqa: F401 - the moto server
 
-from vastdet.engine.checkpoints import complete_tags
+from vastdet.runtime.checkpoints import complete_tags
 
 OUTAGE_S = 20.0  # how long the storage server answers nothing
 
@@ -378,7 +378,7 @@ def test_a_killed_driver_resubmitted_and_a_killed_evaluation_worker_lose_nothing
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    from vastdet.engine.metrics import read_metrics
+    from vastdet.runtime.metrics import read_metrics
 
     return read_metrics(run_dir)
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.preview import draw_boxes, place_labels
-from vastdet.engine.plot import CHARTS, chart
+from vastdet.runtime.plot import CHARTS, chart
 
 
 def _overlap(a, b) -> bool:

@@ -79,7 +79,7 @@ def test_pipeline_runs_as_a_submitted_ray_job(ray_cluster, dataset, tmp_path):  
     assert re.search(r"stage2 +step +3/3 +loss", logs), logs[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 5 and "AR_C" in metrics
-    from vastdet.engine.metrics import evaluation_rows
+    from vastdet.runtime.metrics import evaluation_rows
 
     assert evaluation_rows(tmp_path / "s2")[-1] == {  # the end of stage 2's learning curve
         "step": 3,

@@ -15,8 +15,8 @@ from taxonomy.cli import add_commands as add_taxonomy_commands
 from taxonomy.files import NoSpaceError
 from vastdet.config import ConfigError
 from vastdet.engine.cli import add_commands as add_engine_commands
-from vastdet.engine.distributed import choose_accelerator
 from vastdet.evaluation import IncompleteEvaluationError
+from vastdet.runtime.distributed import choose_accelerator
 
 # Packages above vastdet add their commands through this entry-point group (vastdet imports
 # none of them): `[project.entry-points."vastdet.commands"]` in their pyproject.

@@ -125,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def interrupted_message(output_dir: str, config: str, why: str) -> str:
     """One line: what stopped training, the newest complete checkpoint and how to resume."""
-    from vastdet.engine.checkpoints import complete_tags
+    from vastdet.runtime.checkpoints import complete_tags
 
     tags = complete_tags(Path(output_dir) / "checkpoints")
     where = (
@@ -163,7 +163,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from vastdet.engine.plot import plot_run
+    from vastdet.runtime.plot import plot_run
 
     for path in plot_run(args.run_dir, args.output):
         print(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from taxonomy.files import atomic_output
-from vastdet.engine.loading import EXPORT_FORMAT, consolidated_state
+from vastdet.runtime.loading import EXPORT_FORMAT, consolidated_state
 
 
 def export_checkpoint(

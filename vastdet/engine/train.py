@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from vastdet.engine import checkpoints
 from vastdet.engine.config import OptimConfig, TrainConfig, load_train_config
-from vastdet.engine.distributed import init_distributed, prepare_deepspeed
-from vastdet.engine.metrics import LOGGED_TERMS, RunLog, evaluation_rows, training_rows
-from vastdet.engine.partitions import DataOnlyCheckpointEngine
 from vastdet.engine.threads import keep_freed_memory, set_threads
+from vastdet.runtime import checkpoints
+from vastdet.runtime.distributed import init_distributed, prepare_deepspeed
+from vastdet.runtime.metrics import LOGGED_TERMS, RunLog, evaluation_rows, training_rows
+from vastdet.runtime.partitions import DataOnlyCheckpointEngine
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
         weights_follow=resuming or bool(cfg.model.init_from),
     )
     if cfg.model.init_from and not resuming:
-        from vastdet.engine.loading import load_weights_from
+        from vastdet.runtime.loading import load_weights_from
 
         count = load_weights_from(model, cfg.model.init_from)
         log.info("initialised %d tensors from %s", count, cfg.model.init_from)

@@ -81,7 +81,7 @@ def draw(
 ) -> tuple[list[Path], list[str]]:
     """Write the figures; returns their paths, and a note for each figure not written because
     it would be empty (a category without a successful detection)."""
-    from vastdet.engine.plot import outside_legend, pyplot, save_figure
+    from vastdet.runtime.plot import outside_legend, pyplot, save_figure
 
     plt = pyplot()
 
@@ -150,9 +150,9 @@ def run_pattern_maps(
 
     from pipelines.loader import eval_loader
     from pipelines.shards import ShardSet
-    from vastdet.engine.loading import load_model
     from vastdet.evaluation.predict import category_names
     from vastdet.evaluation.runner import eval_transforms
+    from vastdet.runtime.loading import load_model
 
     model, post, config = load_model(model_path)
     if post is None:

@@ -45,8 +45,8 @@ def predict_images(
     names come from `categories`, else the run's category file, else the one its training
     shards' manifest names. Each image keeps `max_detections`, by default as many as
     `vastdet eval` keeps under its default protocol (COCO's 100, or the model's own if more)."""
-    from vastdet.engine.loading import load_model
     from vastdet.evaluation.runner import PROTOCOLS, eval_transforms, write_json
+    from vastdet.runtime.loading import load_model
 
     model, post, config = load_model(model_path)
     if post is None:

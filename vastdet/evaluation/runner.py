@@ -358,7 +358,7 @@ def eval_transforms(config: dict, source: str) -> Callable:
 
 def plot_levels(metrics: dict, levels: Sequence[int], path: Path) -> Path:
     """A chart of AP and AP50 against the hierarchy depth they were scored at."""
-    from vastdet.engine.plot import outside_legend, pyplot, save_figure
+    from vastdet.runtime.plot import outside_legend, pyplot, save_figure
 
     plt = pyplot()
 
@@ -412,8 +412,8 @@ def run_eval(
     shards the run names (when they can be opened here)."""
     from pipelines.shards import ShardSet
     from pipelines.sources import is_url
-    from vastdet.engine.distributed import init_distributed, prepare_deepspeed
-    from vastdet.engine.loading import check_run_dir, load_model
+    from vastdet.runtime.distributed import init_distributed, prepare_deepspeed
+    from vastdet.runtime.loading import check_run_dir, load_model
 
     check_run_dir(model_path)  # before joining a process group: a wrong path fails at once
     if categories is not None and not is_url(categories) and not Path(categories).is_file():

@@ -58,7 +58,7 @@ class RunLog:
     Other ranks get a log that records nothing."""
 
     def __init__(self, output_dir: str | os.PathLike, start_step: int, enabled: bool = True):
-        from vastdet.engine.tensorboard import RunBoard
+        from vastdet.runtime.tensorboard import RunBoard
 
         self.path = Path(output_dir) / "metrics.jsonl"
         self.file = None

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from taxonomy.files import load_data
-from vastdet.engine import checkpoints
-from vastdet.engine.partitions import consolidated_weights
+from vastdet.runtime import checkpoints
+from vastdet.runtime.partitions import consolidated_weights
 
 EXPORT_FORMAT = "vastdet.model/1"
 
@@ -64,7 +64,7 @@ def consolidated_state(
 ) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(fp32 state dict, run config, tag) of a run's checkpoint (default: the newest complete
     one), gathered from ZeRO partitions when there are any. Every file is read as data only
-    (`vastdet.engine.partitions`): a run folder may come from anyone."""
+    (`vastdet.runtime.partitions`): a run folder may come from anyone."""
     run = check_run_dir(run_dir)
     ckpt_dir = run / "checkpoints"
     tags = checkpoints.complete_tags(ckpt_dir)

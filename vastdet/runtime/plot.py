@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from vastdet.engine.metrics import LOGGED_TERMS, read_metrics
+from vastdet.runtime.metrics import LOGGED_TERMS, read_metrics
 
 CHARTS = {
     "losses.png": LOGGED_TERMS,
@@ -60,7 +60,7 @@ def chart_keys(keys, records: list[dict]) -> list[str]:
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """One PNG per chart family, against the step; returns the files written."""
-    from vastdet.engine.loading import check_run_dir
+    from vastdet.runtime.loading import check_run_dir
 
     run = check_run_dir(run_dir, needs_checkpoint=False)
     records = read_metrics(run)
