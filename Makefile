@@ -17,10 +17,13 @@ setup: $(STAMP) $(WORDNET_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+# `lvis` is LVIS's reference evaluator, the arbiter of `--protocol lvis` in the tests; it goes in
+# without its declared dependencies (OpenCV, for drawing code the tests never load).
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
 	$(PY) -m pip install --quiet -e ".[dev,tensorboard]"
+	$(PY) -m pip install --quiet --no-deps "lvis==0.5.3"
 	touch $@
 
 # WordNet 3.0 for nltk, offline: Debian's package when there is no copy yet.

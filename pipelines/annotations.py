@@ -36,6 +36,8 @@ class ImageRecord:
     width: int
     height: int
     annotations: list[dict] = field(default_factory=list)
+    # LVIS's federated lists (`FEDERATED_KEYS`), kept when the annotation file has them
+    federated: dict[str, list[int]] = field(default_factory=dict)
 
     def sample_json(self) -> dict:
         """The `json` member of this image's shard sample (DESIGN.md's shard contract)."""
@@ -45,7 +47,34 @@ class ImageRecord:
             "width": self.width,
             "height": self.height,
             "annotations": self.annotations,
+            **self.federated,
         }
+
+
+# LVIS image fields: categories verified absent, and categories not exhaustively annotated
+FEDERATED_KEYS = ("neg_category_ids", "not_exhaustive_category_ids")
+
+
+def lvis_file_name(image: dict) -> str | None:
+    """An LVIS v1 image's path under the COCO image root: LVIS names no `file_name`, its
+    `coco_url` ends in `<split>/<file>` (`val2017/000000397133.jpg`)."""
+    url = image.get("coco_url")
+    if not isinstance(url, str) or url.count("/") < 1:
+        return None
+    return "/".join(url.rstrip("/").split("/")[-2:])
+
+
+def federated_lists(image: dict, category_ids) -> tuple[dict[str, list[int]], str | None]:
+    """(the image's federated lists inside the vocabulary, a problem or None)."""
+    out = {}
+    for key in FEDERATED_KEYS:
+        if key not in image:
+            continue
+        values = image[key]
+        if not isinstance(values, list) or not all(_is_int(v) for v in values):
+            return {}, f"{key} must be a list of category ids, not {values!r:.120}"
+        out[key] = sorted({int(v) for v in values if v in category_ids})
+    return out, None
 
 
 @dataclass
@@ -212,7 +241,8 @@ def load_coco(
     records: dict[object, ImageRecord] = {}
     for image in doc["images"]:
         image_id = image.get("id")
-        w, h, name = image.get("width"), image.get("height"), image.get("file_name")
+        w, h = image.get("width"), image.get("height")
+        name = image.get("file_name") if "file_name" in image else lvis_file_name(image)
         if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id in records:
             report.problems.append(
                 Problem(source, image_id, "bad image id", "missing, not an integer or repeated")
@@ -226,9 +256,14 @@ def load_coco(
                     source,
                     image_id,
                     "bad image entry",
-                    f"needs file_name and positive width/height: {image!r:.200}",
+                    f"needs file_name (or LVIS's coco_url) and positive width/height: "
+                    f"{image!r:.200}",
                 )
             )
+            continue
+        federated, problem = federated_lists(image, category_ids)
+        if problem:
+            report.problems.append(Problem(source, image_id, "bad image entry", problem))
             continue
         if image_root is not None:
             try:
@@ -241,7 +276,7 @@ def load_coco(
             if not path.is_file():
                 report.problems.append(Problem(source, image_id, "missing image file", str(path)))
                 continue
-        records[image_id] = ImageRecord(image_id, name, w, h)
+        records[image_id] = ImageRecord(image_id, name, w, h, federated=federated)
     known_ids = {image.get("id") for image in doc["images"]}
     for ann in doc["annotations"]:
         image_id = ann.get("image_id") if isinstance(ann, dict) else None

@@ -31,7 +31,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipelines.annotations import SampleError, UnusableDataError, checked_annotations
+from pipelines.annotations import (
+    FEDERATED_KEYS,
+    SampleError,
+    UnusableDataError,
+    checked_annotations,
+)
 from pipelines.boxes import xywh_to_xyxy
 from pipelines.buffers import BufferPool, SlotViews, pipe_sender, uint8_view
 from pipelines.sampling import DEFAULT_THRESHOLD, category_repeat_factors, repeat_stream
@@ -223,6 +228,7 @@ def target_from_meta(meta: dict) -> dict:
         "area": np.array([a.get("area", 0.0) for a in anns], dtype=np.float32),
         "orig_size": np.array([meta["height"], meta["width"]], dtype=np.int64),
         "image_id": meta["image_id"],
+        **{k: list(meta[k]) for k in FEDERATED_KEYS if isinstance(meta.get(k), list)},
     }
 
 

@@ -183,3 +183,42 @@ def test_images_that_do_not_decode_or_fit_their_entry_are_refused_or_counted(
     )  # fmt: skip
     assert manifest["num_samples"] == 1 and manifest["category_images"] == {"1": 1}
     assert manifest["skipped"] == {kind: 1}
+
+
+def test_lvis_images_keep_their_federated_lists_through_shards_and_loader(tmp_path):
+    """LVIS v1 names images by `coco_url` (no file_name) and gives each its federated lists:
+    they resolve under the COCO image root, stay in the shard json (ids outside the vocabulary
+    dropped), and reach the loader's targets; a malformed list is a bad image entry."""
+    from pipelines.loader import target_from_meta
+
+    images = [
+        {
+            "id": 1, "width": 40, "height": 30,
+            "coco_url": "http://images.cocodataset.org/val2017/000000000001.jpg",
+            "neg_category_ids": [3, 2, 99], "not_exhaustive_category_ids": [1],
+        },
+        {
+            "id": 2, "width": 40, "height": 30, "file_name": "img/2.jpg",
+            "neg_category_ids": "none", "not_exhaustive_category_ids": [],
+        },
+    ]  # fmt: skip
+    (tmp_path / "val2017").mkdir()
+    for name in ("val2017/000000000001.jpg", "img/2.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (40, 30)).save(tmp_path / name)
+    path = write_dataset(tmp_path, [ann(1, 1, [2, 2, 10, 10], 1)], images=images)
+    records, report = load_coco(path, tmp_path, on_error="skip")
+    assert [r.file_name for r in records] == ["val2017/000000000001.jpg"]
+    assert [(p.image_id, p.kind) for p in report.problems] == [(2, "bad image entry")]
+    meta = records[0].sample_json()
+    assert meta["neg_category_ids"] == [2, 3] and meta["not_exhaustive_category_ids"] == [1]
+    write_shards(records, FileImageReader(tmp_path), tmp_path / "s", max_samples=5, progress=False)
+    shards = ShardSet.open(tmp_path / "s")
+    sample = next(iter(wds.WebDataset(shards.urls, shardshuffle=False, empty_check=False)))
+    target = target_from_meta(json.loads(sample["json"]))
+    assert target["neg_category_ids"] == [2, 3] and target["not_exhaustive_category_ids"] == [1]
+    # COCO files are as before: no federated keys appear
+    plain = write_dataset(tmp_path, [ann(1, 1, [2, 2, 10, 10], 1)])
+    assert set(load_coco(plain, tmp_path)[0][0].sample_json()) == {
+        "image_id", "file_name", "width", "height", "annotations",
+    }  # fmt: skip

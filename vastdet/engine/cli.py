@@ -36,7 +36,7 @@ def add_commands(subparsers) -> None:
     evaluate.add_argument("model", type=Path, help="an exported model file or a run folder")
     evaluate.add_argument("--shards", required=True, help="val shard folder or manifest")
     evaluate.add_argument("-o", "--output", type=Path, required=True, help="folder for the results")
-    evaluate.add_argument("--protocol", choices=("coco", "v3det"), default="coco")
+    evaluate.add_argument("--protocol", choices=("coco", "v3det", "lvis"), default="coco")
     evaluate.add_argument("--categories", help="category/taxonomy file (default: the run's)")
     evaluate.add_argument("--batch-size", type=int, default=2)
     evaluate.add_argument("--workers", type=int, default=2)

@@ -34,7 +34,7 @@ def stat_names(max_dets: tuple[int, ...] = (1, 10, 100)) -> tuple[str, ...]:
     dets = sorted(max_dets)
     return (
         ("AP", "AP50", "AP75", "APs", "APm", "APl")
-        + tuple(f"AR{m}" for m in dets[:3])
+        + tuple(f"AR{m}" for m in dets[-3:])
         + ("ARs", "ARm", "ARl")
     )
 
@@ -252,11 +252,50 @@ def _v3det_ignored_copies(
     return merged, np.concatenate([np.zeros(len(gts), bool), np.ones(len(copies), bool)])
 
 
+@dataclass
+class Federated:
+    """LVIS's federated annotation, per image id: the categories verified absent
+    (`neg_category_ids`) and those whose instances are not all annotated
+    (`not_exhaustive_category_ids`). A detection of a category an image neither annotates nor
+    lists as absent is not evaluated; an unmatched detection of a not-exhaustive category is
+    ignored (neither true nor false positive)."""
+
+    negative: dict[int, list[int]]
+    not_exhaustive: dict[int, list[int]]
+
+    @classmethod
+    def from_images(cls, images: list[dict]) -> Federated:
+        """From LVIS image entries (their two lists; missing lists are empty)."""
+        return cls(
+            {int(i["id"]): list(i.get("neg_category_ids") or ()) for i in images},
+            {int(i["id"]): list(i.get("not_exhaustive_category_ids") or ()) for i in images},
+        )
+
+    def keys(self, which: str, image_ids: np.ndarray, category_ids: np.ndarray) -> np.ndarray:
+        """(category index * images + image index) of the listed pairs inside the evaluation."""
+        lists = getattr(self, which)
+        img = np.array([i for i, cats in lists.items() for _ in cats], dtype=np.int64)
+        cat = np.array([c for cats in lists.values() for c in cats], dtype=np.int64)
+        inside = np.isin(img, image_ids) & np.isin(cat, category_ids)
+        img, cat = img[inside], cat[inside]
+        return np.searchsorted(category_ids, cat) * len(image_ids) + np.searchsorted(image_ids, img)
+
+
+def limit_per_image(dets: BoxArrays, max_dets: int) -> BoxArrays:
+    """Each image's `max_dets` best-scoring detections over all categories (LVIS's 300), ties
+    kept in their given order; the rows keep their order."""
+    order = np.lexsort((-dets.scores, dets.image_ids))
+    image = dets.image_ids[order]
+    rank = np.arange(len(order)) - np.searchsorted(image, image, "left")
+    return dets.take(np.sort(order[rank < max_dets]))
+
+
 def evaluate_boxes(
     gt: dict,
     results: list[dict] | BoxArrays,
     max_dets: tuple[int, ...] = (1, 10, 100),
     descendants: dict[int, set[int]] | None = None,
+    federated: Federated | None = None,
 ) -> BoxEvaluation:
     """Evaluate detections (COCO result dicts, or `BoxArrays`) against a COCO-format
     ground-truth document (see `evaluate_arrays`)."""
@@ -268,6 +307,7 @@ def evaluate_boxes(
         dets,
         max_dets,
         descendants,
+        federated,
     )
 
 
@@ -281,11 +321,14 @@ def evaluate_arrays(
     dets: BoxArrays,
     max_dets: tuple[int, ...] = (1, 10, 100),
     descendants: dict[int, set[int]] | None = None,
+    federated: Federated | None = None,
 ) -> BoxEvaluation:
     """Evaluate detections against ground truths, both as arrays, over the given images and
     categories. `descendants` (category id -> ids below it, see `category_descendants`) turns
     on the V3Det protocol's hierarchy rule; V3Det evaluates 300 detections per image:
-    `max_dets=(1, 10, 300)`.
+    `max_dets=(1, 10, 300)`. `federated` turns on LVIS's rules (`Federated`); LVIS keeps 300
+    detections per image over all categories (`limit_per_image`, before this) and one maxDet:
+    `max_dets=(300,)`, as the `lvis` package does.
 
     Only (category, image) pairs that hold both a ground truth and a detection are matched one
     by one; a detection alone in its pair is a false positive (or ignored outside an area
@@ -306,6 +349,12 @@ def evaluate_arrays(
     g_key = g_cat * n_img + np.searchsorted(image_ids, gts.image_ids)
     d_cat = np.searchsorted(category_ids, dets.category_ids)
     d_key = d_cat * n_img + np.searchsorted(image_ids, dets.image_ids)
+    not_exhaustive = np.zeros(0, dtype=np.int64)
+    if federated is not None:  # only pairs the image annotates or verified absent are scored
+        known = np.union1d(g_key, federated.keys("negative", image_ids, category_ids))
+        kept = np.isin(d_key, known)
+        dets, d_key = dets.take(np.flatnonzero(kept)), d_key[kept]
+        not_exhaustive = federated.keys("not_exhaustive", image_ids, category_ids)
     # detections by (category, image), then score descending (stable); each one's rank there
     d_order = np.lexsort((-dets.scores, d_key))
     d_key = d_key[d_order]
@@ -320,8 +369,12 @@ def evaluate_arrays(
     # a detection without a ground truth in its pair is unmatched, ignored outside the range
     every = np.uint16(THRESHOLD_BITS.sum())
     tp_bits = np.zeros((len(areas), len(d_key)), dtype=np.uint16)
+    unlisted = np.isin(d_key, not_exhaustive)  # unmatched there: ignored (LVIS)
     ig_bits = np.stack(
-        [np.where((d_area < lo) | (d_area > hi), every, np.uint16(0)) for lo, hi in areas]
+        [
+            np.where((d_area < lo) | (d_area > hi) | unlisted, every, np.uint16(0))
+            for lo, hi in areas
+        ]
     )
     g_order = np.argsort(g_key, kind="mergesort")
     g_sorted = g_key[g_order]
@@ -344,6 +397,8 @@ def evaluate_arrays(
                 ious[:, order], ignore[order].tolist(), crowd[order].tolist(),
                 g_id[gi][order].tolist(), d_area[ds], (lo, hi),
             )  # fmt: skip
+            if unlisted[d_start[k]]:
+                dt_ig |= dtm == 0
             tp_bits[a, ds] = ((dtm != 0) & ~dt_ig).T @ THRESHOLD_BITS
             ig_bits[a, ds] = dt_ig.T @ THRESHOLD_BITS
     # non-ignored ground truths per (category, area)
@@ -423,20 +478,9 @@ def _summarize(precision, recall, max_dets) -> dict[str, float]:
     def ar(area="all", m=-1):
         return mean(recall[:, :, areas.index(area), m])
 
-    values = [
-        ap(),
-        ap(0.5),
-        ap(0.75),
-        ap(area="small"),
-        ap(area="medium"),
-        ap(area="large"),
-        ar(m=0),
-        ar(m=1),
-        ar(m=2),
-        ar("small"),
-        ar("medium"),
-        ar("large"),
-    ]
+    values = [ap(), ap(0.5), ap(0.75), ap(area="small"), ap(area="medium"), ap(area="large")]
+    values += [ar(m=m) for m in range(len(max_dets))[-3:]]
+    values += [ar("small"), ar("medium"), ar("large")]
     return dict(zip(stat_names(max_dets), values))
 
 

@@ -20,23 +20,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.annotations import FEDERATED_KEYS
 from vastdet.config import at_least
 from vastdet.evaluation import IncompleteEvaluationError
 from vastdet.evaluation.coco import (
     STAT_NAMES,
     BoxArrays,
+    Federated,
     category_descendants,
     evaluate_boxes,
+    limit_per_image,
     novel_split,
     split_ap,
 )
 from vastdet.evaluation.results_file import write_results
 from vastdet.evaluation.selection import prior_recall
-from vastdet.evaluation.slices import frequency_groups, level_map, relabel
+from vastdet.evaluation.slices import (
+    dataset_frequency_groups,
+    frequency_groups,
+    level_map,
+    relabel,
+)
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = {"coco": (1, 10, 100), "v3det": (1, 10, 300)}  # maxDets per protocol
+# maxDets per protocol; LVIS keeps 300 detections per image over all categories, one maxDet
+PROTOCOLS = {"coco": (1, 10, 100), "v3det": (1, 10, 300), "lvis": (300,)}
 
 
 @dataclass
@@ -128,7 +137,8 @@ def predict_pass(
             record.auc[1] += len(aucs)
         for b, (image_id, target) in enumerate(zip(ids, batch.targets)):
             height, width = (int(v) for v in target["orig_size"])
-            record.images.append({"id": image_id, "height": height, "width": width})
+            federated = {k: target[k] for k in FEDERATED_KEYS if k in target}
+            record.images.append({"id": image_id, "height": height, "width": width, **federated})
             record.annotations.extend({**a, "image_id": image_id} for a in target["annotations"])
             if selected is not None and selected.dim() == 2:
                 present = {a["category_id"] for a in target["annotations"]}
@@ -226,19 +236,33 @@ def score(
     set's per-category image counts are given (`vastdet.evaluation.slices`)."""
     if protocol == "v3det" and taxonomy is None:
         raise ValueError("the v3det protocol needs the category hierarchy (a taxonomy file)")
+    federated = None
+    if protocol == "lvis":
+        if not any(k in img for img in images for k in FEDERATED_KEYS):
+            raise ValueError(
+                "the lvis protocol needs LVIS's per-image neg_category_ids and "
+                "not_exhaustive_category_ids, and these images have neither: shard the LVIS "
+                "annotation file itself (`vastdet data shard`), which keeps them"
+            )
+        federated = Federated.from_images(images)
     if levels and taxonomy is None:
         raise ValueError("AP by hierarchy level needs the category hierarchy (a taxonomy file)")
     if not isinstance(results, BoxArrays):
         results = BoxArrays.from_results(results)
     gt = ground_truth(images, annotations, category_ids)
     descendants = category_descendants(taxonomy) if protocol == "v3det" else None
-    evaluation = evaluate_boxes(gt, results, PROTOCOLS[protocol], descendants)
+    if federated is not None:
+        results = limit_per_image(results, PROTOCOLS[protocol][-1])
+    evaluation = evaluate_boxes(gt, results, PROTOCOLS[protocol], descendants, federated)
     metrics = dict(evaluation.stats)
     groups = novel_split(taxonomy) if taxonomy is not None else {}
     metrics.update({f"AP_{name}": v for name, v in split_ap(evaluation, groups).items()})
-    if category_images is not None:
+    bins = {}
+    if federated is not None and taxonomy is not None:
+        bins = dataset_frequency_groups(taxonomy)
+    if not bins and category_images is not None:
         bins = frequency_groups(category_images)
-        metrics.update({f"AP{name}": v for name, v in split_ap(evaluation, bins).items()})
+    metrics.update({f"AP{name}": v for name, v in split_ap(evaluation, bins).items()})
     for depth in levels:
         mapping = level_map(taxonomy, depth)
         coarse = sorted(set(mapping.values()))

@@ -9,7 +9,8 @@
   detections of one category.
 - **By frequency**, as LVIS does: rare (1-10 training images), common (11-100) and frequent
   (more than 100), from the training manifest's per-category image counts; categories with no
-  training image are in none of them.
+  training image are in none of them. Under the LVIS protocol the bins are the dataset's own
+  `frequency` field when its categories carry one, as LVIS's evaluation takes them.
 """
 
 from __future__ import annotations
@@ -44,3 +45,14 @@ def frequency_groups(category_images: Mapping[int, int]) -> dict[str, set[int]]:
         name: {int(c) for c, n in category_images.items() if lo <= n <= hi}
         for name, (lo, hi) in FREQUENCY_BINS.items()
     }
+
+
+def dataset_frequency_groups(taxonomy) -> dict[str, set[int]]:
+    """{"r", "c", "f"} from the categories' own `frequency` field (LVIS's category entries
+    carry it); empty when no category has one."""
+    groups: dict[str, set[int]] = {name: set() for name in FREQUENCY_BINS}
+    for cat in taxonomy.category_ids().tolist():
+        value = taxonomy.node(taxonomy.node_of_category(cat)).attributes.get("frequency")
+        if value in groups:
+            groups[value].add(int(cat))
+    return groups if any(groups.values()) else {}
