@@ -12,8 +12,8 @@ import types
 
 import numpy as np
 import pytest
+from test_coco_eval import generate
 
-from tests.test_coco_eval import generate
 from vastdet.evaluation.coco import (
     BoxArrays,
     Federated,
