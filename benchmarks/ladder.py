@@ -70,9 +70,12 @@ METHODS = {
     "paq_dino_D_6": {"preset": "paq_dino_tiny", "one_to_many": False, "dec_layers": 6},
     "paq_dino_Q_6": {"preset": "dino_tiny", "one_to_many": True, "dec_layers": 6},
     "paq_dino_6": {"preset": "paq_dino_tiny", "dec_layers": 6},
+    # taxonomy-guided selection (ours): the selector walks the tree with a beam of 16
+    "cq_dino_beam": {"preset": "cq_dino_tiny", "selection": "beam", "beam_width": 16},
 }
 EXTRA_AT = {
-    2000: ["paq_dino", "paq_cq_dino", "dino_6", "paq_dino_D_6", "paq_dino_Q_6", "paq_dino_6"]
+    2000: ["paq_dino", "paq_cq_dino", "dino_6", "paq_dino_D_6", "paq_dino_Q_6", "paq_dino_6"],
+    13204: ["cq_dino_beam"],
 }
 
 

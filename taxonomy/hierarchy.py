@@ -146,3 +146,72 @@ class CategoryHierarchy:
         present = np.zeros(self.num_categories, dtype=bool)
         present[self.rows(present_category_ids)] = True
         return self.propagate_up(present) & ~present
+
+
+def _levels(parent: np.ndarray, child: np.ndarray, depth: np.ndarray) -> tuple[LevelEdges, ...]:
+    """Edges grouped by their parent's depth, deepest parents first (a bottom-up order: depth
+    is the longest root path, so every child is deeper than each of its parents)."""
+    return tuple(
+        LevelEdges(depth=int(d), parent=parent[depth[parent] == d], child=child[depth[parent] == d])
+        for d in sorted(set(depth[parent].tolist()), reverse=True)
+    )
+
+
+@dataclass(frozen=True)
+class SelectionTree:
+    """The taxonomy as taxonomy-guided (beam) selection walks it, top-down.
+
+    Rows 0..C-1 are the categories in ascending id order (the rows of `Q_cat`); rows C..N-1 are
+    the nodes above some category that are not categories themselves (WordNet's synsets between
+    V3Det-style categories), each standing for what lies below it. Nodes with no category below
+    them are left out. A node may have several parents (a DAG).
+
+    - `child_ptr`, `child_idx`: each row's children (CSR), what a beam step expands;
+    - `roots`: rows without a parent, what the first step scores;
+    - `up`: every edge, deepest parents first: marks climb it in one pass (an image's categories
+      make all their ancestors positive);
+    - `mean`: the edges into non-category rows, deepest parents first: such a row's query is the
+      mean of its children's, computed bottom-up.
+    """
+
+    num_categories: int
+    num_rows: int
+    child_ptr: np.ndarray
+    child_idx: np.ndarray
+    roots: np.ndarray
+    up: tuple[LevelEdges, ...]
+    mean: tuple[LevelEdges, ...]
+    depth: int  # levels below the roots: a walk takes at most depth + 1 steps
+
+    @classmethod
+    def from_taxonomy(cls, taxonomy: Taxonomy) -> SelectionTree:
+        cats = taxonomy.category_column()
+        is_cat = cats >= 0
+        cat_nodes = np.flatnonzero(is_cat)
+        cat_nodes = cat_nodes[np.argsort(cats[cat_nodes], kind="stable")]
+        keep = is_cat.copy()
+        keep[taxonomy.ancestor_indices(cat_nodes)] = True
+        order = np.concatenate([cat_nodes, np.flatnonzero(keep & ~is_cat)])
+        row_of = np.full(len(taxonomy), -1, dtype=np.int64)
+        row_of[order] = np.arange(order.size)
+        child_s, parent_s = taxonomy.edges()
+        kept = keep[child_s] & keep[parent_s]
+        child, parent = row_of[child_s[kept]], row_of[parent_s[kept]]
+        by_parent = np.lexsort((child, parent))
+        child, parent = child[by_parent], parent[by_parent]
+        child_ptr = np.zeros(order.size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(parent, minlength=order.size), out=child_ptr[1:])
+        depth = taxonomy.depths()[order]
+        has_parent = np.zeros(order.size, dtype=bool)
+        has_parent[child] = True
+        inner = parent >= cat_nodes.size
+        return cls(
+            num_categories=int(cat_nodes.size),
+            num_rows=int(order.size),
+            child_ptr=child_ptr,
+            child_idx=child,
+            roots=np.flatnonzero(~has_parent),
+            up=_levels(parent, child, depth),
+            mean=_levels(parent[inner], child[inner], depth),
+            depth=int(depth.max()) if depth.size else 0,
+        )

@@ -317,12 +317,20 @@ def check_consolidation(tag: Path) -> None:
     model.load_state_dict(ours, strict=True)
 
 
-def test_cq_dino_two_stages_hand_over_and_train_under_zero3(dataset, tmp_path):
+@pytest.mark.parametrize("selection", ["flat", "beam"])
+def test_cq_dino_two_stages_hand_over_and_train_under_zero3(dataset, tmp_path, selection):
     """Stage 1 (selector) on one rank; stage 2 starts from it on two ZeRO-3 ranks, one of whose
     batches can be empty, with the backbone and category module at 1% learning rate; the
-    end-of-run evaluation reports AR^C next to AP."""
+    end-of-run evaluation reports AR^C next to AP. Taxonomy-guided selection hands over and
+    trains the same way (its tree travels with the weights)."""
     stage1 = tmp_path / "stage1"
-    run(config(dataset, stage1, model="cq_dino_tiny_stage1", steps=4, checkpoint_every=4))
+    choice = {"selection": selection, "beam_width": 1}
+    run(
+        config(
+            dataset, stage1, model={"preset": "cq_dino_tiny_stage1", **choice},
+            steps=4, checkpoint_every=4,
+        )
+    )  # fmt: skip
     low = {"pattern": r"^(backbone|category_queries|selector)\.", "lr_mult": 0.01}
     stage2 = tmp_path / "stage2"
     metrics = run(
@@ -330,7 +338,7 @@ def test_cq_dino_two_stages_hand_over_and_train_under_zero3(dataset, tmp_path):
             dataset,
             stage2,
             evaluate=True,
-            model={"preset": "cq_dino_tiny", "init_from": str(stage1)},
+            model={"preset": "cq_dino_tiny", "init_from": str(stage1), **choice},
             optim={"lr": 1e-3, "clip_grad": 1.0, "param_groups": [low]},
             zero_stage=3,
             steps=6,

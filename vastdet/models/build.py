@@ -92,6 +92,10 @@ class ModelConfig:
     fusion_dropout: float = at_least(0.0, 0.1)
     fusion_category_layers: bool = False  # Grounding DINO's category self-attention + FFN too
     asl: tuple[float, float, float] = (7.0, 0.0, 0.05)  # gamma_neg, gamma_pos, clip
+    # flat: score every category per image (paper); beam: walk the taxonomy top-down, keeping
+    # the beam_width best nodes per level (ours, `vastdet.models.beam`)
+    selection: str = "flat"
+    beam_width: int = at_least(1, 16)
     init_from: str | None = None  # stage 2: a stage-1 run folder or exported file
     # PaQ-DETR (the paper's settings: 50 patterns for 300 queries, 150 for 900)
     patterns: int = at_least(0, 0)  # m of Q^P; 0: DINO's static content queries ("D" off)
@@ -116,6 +120,8 @@ class ModelConfig:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, not {self.correlation!r}")
         if self.dn_labels not in DN_LABELS:
             raise ValueError(f"dn_labels must be one of {DN_LABELS}, not {self.dn_labels!r}")
+        if self.selection not in ("flat", "beam"):
+            raise ValueError(f"selection must be flat or beam, not {self.selection!r}")
         if self.tree_alpha not in ALPHA_RULES:
             raise ValueError(
                 f"tree_alpha must be one of {sorted(ALPHA_RULES)}, not {self.tree_alpha!r}"
@@ -182,10 +188,12 @@ def build_model(
         cfg.selector_masks_padding,
     )
     selection = SelectionCriterion(*cfg.asl, hierarchy=hierarchy)
+    beam = _beam(cfg, taxonomy, category_ids, restoring)
     if cfg.architecture == "cq_selector":
         model = CategorySelector(
             backbone, queries, selector, category_ids, cfg.num_selected, cfg.force_gt_categories
         )
+        model.beam = beam
         return model, selection, None
     model = CQDINO(
         backbone,
@@ -203,7 +211,26 @@ def build_model(
         neck_groups=cfg.neck_groups,
         share_heads=cfg.share_heads,
     )
+    model.beam = beam
     return model, _criterion(cfg, selection), PostProcess(cfg.max_detections)
+
+
+def _beam(cfg: ModelConfig, taxonomy, category_ids: torch.Tensor, restoring: bool):
+    """The taxonomy-guided selection's tree (`selection: beam`), or None (flat selection)."""
+    if cfg.selection == "flat":
+        return None
+    from vastdet.models.beam import BeamTree
+
+    if taxonomy is None:
+        if not restoring:
+            raise ValueError("selection: beam walks the category tree: give the taxonomy")
+        return BeamTree(None, cfg.beam_width)  # its buffers come with the weights
+    from taxonomy.hierarchy import SelectionTree
+
+    tree = SelectionTree.from_taxonomy(taxonomy)
+    if tree.num_categories != len(category_ids):
+        raise ValueError("the taxonomy's categories are not the model's category ids")
+    return BeamTree(tree, cfg.beam_width)
 
 
 def _warn_random_parts(cfg: ModelConfig) -> None:

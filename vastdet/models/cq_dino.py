@@ -198,31 +198,67 @@ class ContrastiveAlignment(nn.Module):
         return logits.max(-1).values if best_only else logits
 
 
+UNSCORED = -1.0e4  # the dense selection logit of a category beam selection did not reach
+
+
 class SelectionMixin:
     """Selection as stage 1 and the detector both run it (on `category_queries`, `selector`,
-    `category_ids`, `num_selected`, `force_gt_categories`)."""
+    `category_ids`, `num_selected`, `force_gt_categories`, and `beam`: a
+    `vastdet.models.beam.BeamTree` for taxonomy-guided selection, None for the paper's flat
+    selection)."""
 
     def select(self, backbone_feats, masks, targets):
         """(category queries [C, W], image tokens (keys/values, bias), selection logits [B, C],
-        selected rows [B, C'])."""
+        selected rows [B, C'], beam outputs (empty for flat selection))."""
         cats = self.category_queries()
         last = backbone_feats[-1]
         kv, bias = self.selector.tokens(last, downsample_mask(masks, last.shape[-2:]))
-        logits = self.selector.score(cats, kv, bias)
+        extra = {}
+        if self._modules.get("beam") is None:
+            logits = self.selector.score(cats, kv, bias)
+        else:
+            logits, extra = self.beam_select(cats, kv, bias, targets)
         forced = None
         if self.training and self.force_gt_categories and targets is not None:
             forced = [
                 label_columns(t["labels"].to(self.category_ids.device), self.category_ids)
                 for t in targets
             ]
-        return cats, (kv, bias), logits, select_categories(logits, self.num_selected, forced)
+        return cats, (kv, bias), logits, select_categories(logits, self.num_selected, forced), extra
 
-    def selection_outputs(self, logits, rows) -> dict:
+    def beam_select(self, cats, kv, bias, targets) -> tuple[torch.Tensor, dict]:
+        """Taxonomy-guided selection (`vastdet.models.beam`): dense logits [B, C] holding the
+        scored categories' logits (`UNSCORED` elsewhere, detached), and the walk's rows, logits
+        and, given targets, positives [B, K] for the selection loss."""
+        batch, num_cats = kv[0][0].shape[0], cats.shape[0]
+        positive = None
+        if targets is not None:
+            present = selection_targets(targets, self.category_ids, num_cats)
+            positive = self.beam.positives(present)
+        nodes = self.beam.node_queries(cats)
+
+        def score(rows: torch.Tensor) -> torch.Tensor:
+            hidden = self.selector.encode(nodes[rows.clamp(min=0)], kv, bias)
+            return self.selector.scorer(hidden).squeeze(-1)
+
+        rows, logits = self.beam.walk(score, batch, positive if self.training else None)
+        is_cat = (rows >= 0) & (rows < num_cats)
+        dense = logits.new_full((batch, num_cats + 1), UNSCORED)
+        dense.scatter_(
+            1, torch.where(is_cat, rows, num_cats), logits.detach().masked_fill(~is_cat, UNSCORED)
+        )
+        extra = {"beam_rows": rows, "beam_logits": logits}
+        if positive is not None:
+            extra["beam_positive"] = positive.gather(1, rows.clamp(min=0)) & (rows >= 0)
+        return dense[:, :num_cats], extra
+
+    def selection_outputs(self, logits, rows, extra=None) -> dict:
         return {
             "selection_logits": logits,
             "selected_rows": rows,
             "category_ids": self.category_ids[rows],
             "all_category_ids": self.category_ids,
+            **(extra or {}),
         }
 
 
@@ -250,8 +286,10 @@ class CategorySelector(SelectionMixin, nn.Module):
         self.force_gt_categories = force_gt_categories
 
     def forward(self, images, masks, targets=None) -> dict:
-        _, _, logits, rows = self.select(backbone_levels(self.backbone, images), masks, targets)
-        return self.selection_outputs(logits, rows)
+        _, _, logits, rows, extra = self.select(
+            backbone_levels(self.backbone, images), masks, targets
+        )
+        return self.selection_outputs(logits, rows, extra)
 
 
 class CQDINO(SelectionMixin, DeformableDetector):
@@ -304,7 +342,7 @@ class CQDINO(SelectionMixin, DeformableDetector):
 
     def forward(self, images, masks, targets=None) -> dict:
         backbone_feats = self.backbone_features(images)
-        cats, image_tokens, sel_logits, rows = self.select(backbone_feats, masks, targets)
+        cats, image_tokens, sel_logits, rows, extra = self.select(backbone_feats, masks, targets)
         hidden = self.selector.encode(cats[rows], *image_tokens)  # [B, C', W], image-conditioned
         selected = self.category_proj(hidden)  # [B, C', D]
         feats, level_masks, positions = self.features(images, masks, backbone_feats)
@@ -330,7 +368,7 @@ class CQDINO(SelectionMixin, DeformableDetector):
                 num_classes=rows.shape[1],
             )
         result = self.detect(feats, level_masks, positions, dn, categories=selected)
-        result.update(self.selection_outputs(sel_logits, rows))
+        result.update(self.selection_outputs(sel_logits, rows, extra))
         return result
 
 

@@ -63,7 +63,9 @@ class SelectionCriterion(nn.Module):
     """CQ-DINO's selection loss: the asymmetric loss over every category's selection logit
     [B, C], targets the categories present in the image, the strict ancestors of present
     categories left out of the negatives when a hierarchy is given (§3.4). Summed over
-    categories and over the rank's images, as the released code reduces it (`-loss.sum()`)."""
+    categories and over the rank's images, as the released code reduces it (`-loss.sum()`).
+    Under taxonomy-guided selection (`beam_*` outputs) the same loss covers every node the walk
+    scored, an image's categories and all their ancestors being its positives."""
 
     def __init__(
         self,
@@ -81,6 +83,15 @@ class SelectionCriterion(nn.Module):
             self.parent, self.child, self.level_sizes = hierarchy_edges(hierarchy)
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        if "beam_logits" in outputs:  # taxonomy-guided selection: every node the walk scored
+            rows, logits = outputs["beam_rows"], outputs["beam_logits"]
+            padding = rows < 0
+            loss = asymmetric_loss(
+                logits.masked_fill(padding, 0.0),
+                outputs["beam_positive"].to(logits.dtype),
+                self.gamma_neg, self.gamma_pos, self.clip, padding,
+            )  # fmt: skip
+            return {"loss_sel": loss.sum()}
         logits, cats = outputs["selection_logits"], outputs["all_category_ids"]
         present = selection_targets(targets, cats, logits.shape[1])
         mask = None

@@ -1,0 +1,127 @@
+"""Taxonomy-guided (beam) selection against flat selection: the selector's time and memory per
+image at V3Det's 13,204 categories (its tree linked to WordNet, non-category synsets included)
+and at 1,000,000 (a 10-way synthetic tree), full-size selector head.
+
+    python benchmarks/bench_beam.py [--sizes 13204 1000000] [--beams 4 16 64]
+        [--workdir runs/bench_beam]
+
+Each vocabulary size runs in a process of its own: the full-size CQ-DINO stage-1 model
+(category width 768 from 768-wide embeddings, tree construction, the released selector head:
+2 layers, 4 heads, FFN 3072) in its inference form (the encoded category queries only, as
+`vastdet eval` and `predict` run it), then selection alone on one image's last backbone level
+(512 channels, 25 x 42 positions: an 800 x 1333 image at stride 32). Time is the median of 3
+selections; memory the peak resident set during them above what the model holds. Flat scores
+every category; beam B walks the tree keeping the B best nodes per step. The ratio column is
+flat's time over each row's, from the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_vocab_scaling import peak_gb, reset_peak, synthetic_taxonomy
+
+CHANNELS, H, W = 512, 25, 42
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+
+def taxonomy_for(size: int, work: Path):
+    if size == 13204:
+        from ladder import v3det_tree
+
+        from taxonomy import load_taxonomy
+
+        return load_taxonomy(v3det_tree(work))
+    return synthetic_taxonomy(size)[0]
+
+
+def child(size: int, beams: list[int], work: Path) -> dict:
+    import torch
+
+    from vastdet.models.build import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    tax = taxonomy_for(size, work)
+    ids = tax.category_ids().tolist()
+    cfg = ModelConfig(
+        architecture="cq_selector", backbone="resnet18", text_dim=768, num_selected=100,
+        selection="beam", beam_width=max(beams),
+    )  # fmt: skip
+    start = time.perf_counter()
+    model, _, _ = build_model(cfg, ids, tax)
+    built = time.perf_counter() - start
+    model.eval()
+    model.category_queries.freeze_for_inference()
+    feature = torch.randn(1, CHANNELS, H, W)
+    masks = torch.zeros(1, H * 32, W * 32, dtype=torch.bool)
+    rows = {}
+    beam = model.beam
+
+    def measure(name: str) -> None:
+        reset_peak()
+        base = rss_gb()
+        times = []
+        with torch.no_grad():
+            for _ in range(3):
+                t = time.perf_counter()
+                out = model.select([feature], masks, None)
+                times.append(time.perf_counter() - t)
+        scored = int((out[4]["beam_rows"] >= 0).sum()) if out[4] else len(ids)
+        rows[name] = {
+            "seconds": statistics.median(times), "peak_gb": peak_gb() - base, "scored": scored,
+        }  # fmt: skip
+
+    for b in beams:
+        beam.beam_width = b
+        measure(f"beam {b}")
+    model.beam = None  # the same model, flat
+    measure("flat")
+    return {"categories": len(ids), "tree_rows": beam.num_rows, "build_s": built, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[13204, 1_000_000])
+    parser.add_argument("--beams", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench_beam"))
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.beams, args.workdir)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    print(
+        "| categories | selection | nodes scored per image | seconds per image | flat / this "
+        "| peak GB above the model |"
+    )
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        cmd = [sys.executable, __file__, "--child", str(size), "--workdir", str(args.workdir)]
+        out = subprocess.run(
+            cmd + ["--beams", *map(str, args.beams)], env=env, capture_output=True, text=True
+        )
+        if out.returncode:
+            sys.exit(out.stderr[-3000:])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        flat = result["rows"]["flat"]["seconds"]
+        for name, row in result["rows"].items():
+            print(
+                f"| {result['categories']:,} | {name} | {row['scored']:,} | {row['seconds']:.4f} "
+                f"| {flat / row['seconds']:.1f}x | {row['peak_gb']:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
