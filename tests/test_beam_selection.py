@@ -59,11 +59,12 @@ def test_the_tree_holds_categories_first_then_the_nodes_above_them():
 def test_node_queries_and_positives_on_the_hand_worked_dag():
     beam = BeamTree(SelectionTree.from_taxonomy(wordnet_like()))
     cats = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]])  # rows of ids 1..5
-    nodes = beam.node_queries(cats)
+    extra = beam.node_queries(cats)
     animal, thing = (1 + 3) / 2, (4 + 5) / 2  # dog and cat; toy and box
-    assert nodes.squeeze(1).tolist() == pytest.approx(
-        [1, 2, 3, 4, 5, (animal + thing) / 2, animal, thing]
-    )
+    assert extra.squeeze(1).tolist() == pytest.approx([(animal + thing) / 2, animal, thing])
+    rows = torch.tensor([[7, 0, -1], [5, 4, 6]])
+    expected = torch.tensor([[thing, 1, 1], [(animal + thing) / 2, 5, animal]])  # -1 reads row 0
+    torch.testing.assert_close(beam.gather(cats, extra, rows).squeeze(-1), expected)
     present = torch.zeros(2, 5, dtype=torch.bool)
     present[0, 1] = True  # puppy: dog, toy, and above them animal, thing, entity
     present[1, 4] = True  # box: thing, entity

@@ -44,21 +44,15 @@ def _edges(levels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return parent.long(), child.long(), sizes
 
 
-def _climb(values: torch.Tensor, parent, child, sizes: list[int], mean: bool) -> torch.Tensor:
-    """One bottom-up pass over edge levels (deepest parents first) along the last dim's rows:
-    each parent takes the sum (or the mean) of its children's values."""
+def _marks_up(marks: torch.Tensor, parent, child, sizes: list[int]) -> torch.Tensor:
+    """One bottom-up pass over edge levels (deepest parents first): each parent adds its
+    children's marks [B, N]."""
     start = 0
     for size in sizes:
         p, c = parent[start : start + size], child[start : start + size]
         start += size
-        if mean:  # values [N, W]
-            rows, slot = torch.unique(p, return_inverse=True)
-            sums = values.new_zeros(len(rows), values.shape[1]).index_add(0, slot, values[c])
-            counts = torch.bincount(slot, minlength=len(rows)).to(values.dtype)[:, None]
-            values = values.index_copy(0, rows, sums / counts)
-        else:  # marks [B, N]
-            values = values.index_add(1, p, values[:, c])
-    return values
+        marks = marks.index_add(1, p, marks[:, c])
+    return marks
 
 
 class BeamTree(nn.Module):
@@ -96,17 +90,39 @@ class BeamTree(nn.Module):
         return len(self.child_ptr) - 1
 
     def node_queries(self, cats: torch.Tensor) -> torch.Tensor:
-        """[N, W]: the category queries [C, W], then each non-category node's, the mean of its
-        children's."""
-        extra = cats.new_zeros(self.num_rows - cats.shape[0], cats.shape[1])
-        nodes = torch.cat([cats, extra])
-        return _climb(nodes, self.mean_parent, self.mean_child, self.mean_sizes.tolist(), True)
+        """[N - C, W]: the query of each non-category node, the mean of its children's, bottom-up
+        (a child may be a category, a row of `cats` [C, W], or another such node)."""
+        c = cats.shape[0]
+        extra = cats.new_zeros(self.num_rows - c, cats.shape[1])
+        start = 0
+        for size in self.mean_sizes.tolist():
+            p, ch = self.mean_parent[start : start + size], self.mean_child[start : start + size]
+            start += size
+            rows, slot = torch.unique(p, return_inverse=True)
+            values = self.gather(cats, extra, ch)
+            sums = extra.new_zeros(len(rows), extra.shape[1]).index_add(0, slot, values)
+            counts = torch.bincount(slot, minlength=len(rows)).to(extra.dtype)[:, None]
+            extra = extra.index_copy(0, rows - c, sums / counts)
+        return extra
+
+    @staticmethod
+    def gather(cats: torch.Tensor, extra: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Queries of node `rows` (any shape; -1 padding reads row 0) from the category queries
+        and the non-category nodes' (`node_queries`), without joining the two tables: at 10^6
+        categories a joined copy would be 3 GB per forward."""
+        rows = rows.clamp(min=0)
+        c = cats.shape[0]
+        if not len(extra):
+            return cats[rows]
+        out = cats[rows.clamp(max=c - 1)]
+        inner = rows >= c
+        return torch.where(inner[..., None], extra[(rows - c).clamp(min=0)], out)
 
     def positives(self, present: torch.Tensor) -> torch.Tensor:
         """[B, N] bool: each image's categories (`present` [B, C] bool) and all their ancestors."""
         marks = torch.zeros(present.shape[0], self.num_rows, device=present.device)
         marks[:, : present.shape[1]] = present.float()
-        marks = _climb(marks, self.up_parent, self.up_child, self.up_sizes.tolist(), False)
+        marks = _marks_up(marks, self.up_parent, self.up_child, self.up_sizes.tolist())
         return marks > 0
 
     def _children(self, rows: torch.Tensor) -> torch.Tensor:
