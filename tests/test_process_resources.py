@@ -50,3 +50,35 @@ def test_a_step_reuses_the_memory_it_freed():
     # kept: the tensor comes from the heap, and the heap keeps it after it is freed
     mapped, heap = allocation("kept")
     assert mapped == 0 and heap >= 16
+
+
+def test_the_fault_tests_kill_only_ray_train_workers_of_their_own_cluster(tmp_path):
+    """`two_nodes.train_worker_pids` (what the recovery tests SIGKILL) finds a process titled
+    as a Ray Train worker below this process, and not one that another job on the machine
+    started (here: detached with setsid and a double fork, so init is its parent)."""
+    import os
+    import time
+
+    from two_nodes import train_worker_pids
+
+    title = "ray::RayTrainWorker.__init__"
+    ours = subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 60"])
+    marker = tmp_path / "theirs.pid"
+    detached = f"( exec -a '{title}' sleep 60 & echo $! > {marker} ) &"
+    subprocess.run(["setsid", "bash", "-c", detached], check=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (marker.is_file() and marker.read_text().strip()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        theirs = int(marker.read_text())
+        while ours.pid not in train_worker_pids():
+            assert time.monotonic() < deadline, "our worker was not found"
+            time.sleep(0.05)
+        found = train_worker_pids()
+        assert ours.pid in found and theirs not in found
+        assert theirs in train_worker_pids(root=1)  # below init, where the detached one lives
+    finally:
+        ours.kill()
+        if marker.is_file() and marker.read_text().strip():
+            os.kill(int(marker.read_text()), 9)

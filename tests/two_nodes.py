@@ -25,10 +25,13 @@ import time
 from pathlib import Path
 
 
-def train_worker_pids() -> list[int]:
-    """Processes of live Ray Train workers (Ray titles them `ray::RayTrainWorker...`; their
-    loader workers inherit the title and are left out)."""
-    titled = {}
+def train_worker_pids(root: int | None = None) -> list[int]:
+    """Processes of live Ray Train workers below `root` (default: this process, which started
+    the Ray cluster or its driver), so that another Ray job on the machine is never touched.
+    Ray titles them `ray::RayTrainWorker...`; their loader workers inherit the title and are
+    left out."""
+    root = os.getpid() if root is None else root
+    parents, titled = {}, set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -36,9 +39,18 @@ def train_worker_pids() -> list[int]:
                 parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
+            parents[int(entry.name)] = parent
             if title.startswith("ray::RayTrainWorker"):
-                titled[int(entry.name)] = parent
-    return sorted(pid for pid, parent in titled.items() if parent not in titled)
+                titled.add(int(entry.name))
+
+    def below_root(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return sorted(p for p in titled if parents[p] not in titled and below_root(p))
 
 
 def logged_steps(scratch: Path) -> list[int]:
