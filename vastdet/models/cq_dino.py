@@ -235,10 +235,10 @@ class SelectionMixin:
         if targets is not None:
             present = selection_targets(targets, self.category_ids, num_cats)
             positive = self.beam.positives(present)
-        extra = self.beam.node_queries(cats)
+        inner = self.beam.node_queries(cats)  # the non-category nodes' queries
 
         def score(rows: torch.Tensor) -> torch.Tensor:
-            hidden = self.selector.encode(self.beam.gather(cats, extra, rows), kv, bias)
+            hidden = self.selector.encode(self.beam.gather(cats, inner, rows), kv, bias)
             return self.selector.scorer(hidden).squeeze(-1)
 
         rows, logits = self.beam.walk(score, batch, positive if self.training else None)
