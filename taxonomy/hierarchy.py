@@ -65,6 +65,15 @@ class LevelEdges:
     child: np.ndarray
 
 
+def _levels(parent: np.ndarray, child: np.ndarray, depth: np.ndarray) -> tuple[LevelEdges, ...]:
+    """Edges grouped by their parent's depth, deepest parents first (a bottom-up order: depth
+    is the longest root path, so every child is deeper than each of its parents)."""
+    return tuple(
+        LevelEdges(depth=int(d), parent=parent[depth[parent] == d], child=child[depth[parent] == d])
+        for d in sorted(set(depth[parent].tolist()), reverse=True)
+    )
+
+
 @dataclass(frozen=True)
 class CategoryHierarchy:
     """A category-only DAG in category-row space (see the module docstring)."""
@@ -94,10 +103,6 @@ class CategoryHierarchy:
         depth = tree.depths()[order]
         num_children = np.bincount(parent, minlength=order.size)
 
-        levels = []
-        for d in sorted(set(depth[parent].tolist()), reverse=True):
-            at = depth[parent] == d
-            levels.append(LevelEdges(depth=int(d), parent=parent[at], child=child[at]))
         if alpha_rule == "paper":
             alpha = adaptive_weights(num_children, w)
         else:  # descendants: how many rows have each row among their strict ancestors
@@ -108,7 +113,7 @@ class CategoryHierarchy:
             category_ids=node_cats[order],
             num_children=num_children,
             alpha=alpha,
-            levels=tuple(levels),
+            levels=_levels(parent, child, depth),
         )
 
     @property
@@ -146,15 +151,6 @@ class CategoryHierarchy:
         present = np.zeros(self.num_categories, dtype=bool)
         present[self.rows(present_category_ids)] = True
         return self.propagate_up(present) & ~present
-
-
-def _levels(parent: np.ndarray, child: np.ndarray, depth: np.ndarray) -> tuple[LevelEdges, ...]:
-    """Edges grouped by their parent's depth, deepest parents first (a bottom-up order: depth
-    is the longest root path, so every child is deeper than each of its parents)."""
-    return tuple(
-        LevelEdges(depth=int(d), parent=parent[depth[parent] == d], child=child[depth[parent] == d])
-        for d in sorted(set(depth[parent].tolist()), reverse=True)
-    )
 
 
 @dataclass(frozen=True)

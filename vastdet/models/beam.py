@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vastdet.models.category_queries import ancestor_mask, hierarchy_edges, take_loaded_sizes
+
 _BUFFERS = (
     "child_ptr",
     "child_idx",
@@ -33,26 +35,6 @@ _BUFFERS = (
     "mean_child",
     "mean_sizes",
 )
-
-
-def _edges(levels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    parts = [(torch.as_tensor(lv.parent), torch.as_tensor(lv.child)) for lv in levels]
-    empty = torch.zeros(0, dtype=torch.int64)
-    parent = torch.cat([p for p, _ in parts]) if parts else empty
-    child = torch.cat([c for _, c in parts]) if parts else empty
-    sizes = torch.tensor([len(p) for p, _ in parts], dtype=torch.int64)
-    return parent.long(), child.long(), sizes
-
-
-def _marks_up(marks: torch.Tensor, parent, child, sizes: list[int]) -> torch.Tensor:
-    """One bottom-up pass over edge levels (deepest parents first): each parent adds its
-    children's marks [B, N]."""
-    start = 0
-    for size in sizes:
-        p, c = parent[start : start + size], child[start : start + size]
-        start += size
-        marks = marks.index_add(1, p, marks[:, c])
-    return marks
 
 
 class BeamTree(nn.Module):
@@ -74,15 +56,16 @@ class BeamTree(nn.Module):
             self.child_ptr = torch.as_tensor(tree.child_ptr, dtype=torch.int64)
             self.child_idx = torch.as_tensor(tree.child_idx, dtype=torch.int64)
             self.roots = torch.as_tensor(tree.roots, dtype=torch.int64)
-            self.up_parent, self.up_child, self.up_sizes = _edges(tree.up)
-            self.mean_parent, self.mean_child, self.mean_sizes = _edges(tree.mean)
+            for name, levels in (("up", tree.up), ("mean", tree.mean)):
+                parent, child, sizes = hierarchy_edges(levels)
+                setattr(self, f"{name}_parent", parent)
+                setattr(self, f"{name}_child", child)
+                setattr(self, f"{name}_sizes", torch.tensor(sizes, dtype=torch.int64))
             self.num_categories = torch.tensor(tree.num_categories, dtype=torch.int64)
             self.depth = torch.tensor(tree.depth, dtype=torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in _BUFFERS:
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        take_loaded_sizes(self, _BUFFERS, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -120,10 +103,10 @@ class BeamTree(nn.Module):
 
     def positives(self, present: torch.Tensor) -> torch.Tensor:
         """[B, N] bool: each image's categories (`present` [B, C] bool) and all their ancestors."""
-        marks = torch.zeros(present.shape[0], self.num_rows, device=present.device)
-        marks[:, : present.shape[1]] = present.float()
-        marks = _marks_up(marks, self.up_parent, self.up_child, self.up_sizes.tolist())
-        return marks > 0
+        rows = present.new_zeros(present.shape[0], self.num_rows)
+        rows[:, : present.shape[1]] = present
+        sizes = self.up_sizes.tolist()
+        return rows | ancestor_mask(rows, self.up_parent, self.up_child, sizes)
 
     def _children(self, rows: torch.Tensor) -> torch.Tensor:
         starts, stops = self.child_ptr[rows], self.child_ptr[rows + 1]

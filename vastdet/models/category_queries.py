@@ -71,10 +71,10 @@ def ancestor_mask(
     return (marks > 0) & ~present
 
 
-def hierarchy_edges(hierarchy) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(parent [E], child [E], edges per level) of a `taxonomy.CategoryHierarchy`, levels
-    deepest parents first: what `tree_construction` and `ancestor_mask` walk."""
-    levels = hierarchy.levels
+def hierarchy_edges(levels) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(parent [E], child [E], edges per level) of level edges deepest parents first (a
+    `taxonomy.CategoryHierarchy`'s or `SelectionTree`'s): what `tree_construction` and
+    `ancestor_mask` walk."""
 
     def cat(parts: list[np.ndarray]) -> torch.Tensor:
         return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=torch.int64)
@@ -84,6 +84,14 @@ def hierarchy_edges(hierarchy) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         cat([lv.child for lv in levels]),
         [len(lv.parent) for lv in levels],
     )
+
+
+def take_loaded_sizes(module: nn.Module, names, state_dict: dict, prefix: str) -> None:
+    """Give `module`'s buffers `names` the shapes they have in `state_dict` (before loading it),
+    so that buffers whose size comes from a taxonomy load without one."""
+    for name in names:
+        if prefix + name in state_dict:
+            setattr(module, name, torch.empty_like(state_dict[prefix + name]))
 
 
 class QueryTable(nn.Module):
@@ -147,15 +155,13 @@ class CategoryQueries(nn.Module):
 
     def set_hierarchy(self, hierarchy) -> None:
         """Edge and alpha buffers from a `taxonomy.CategoryHierarchy` in the same row order."""
-        self.tree_parent, self.tree_child, sizes = hierarchy_edges(hierarchy)
+        self.tree_parent, self.tree_child, sizes = hierarchy_edges(hierarchy.levels)
         self.tree_level_sizes = torch.tensor(sizes, dtype=torch.int64)
         self.tree_alpha = torch.as_tensor(hierarchy.alpha, dtype=torch.float32)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the tree's buffers take the loaded sizes: a model restored from a file needs no taxonomy
-        for name in _TREE_BUFFERS:
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        take_loaded_sizes(self, _TREE_BUFFERS, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

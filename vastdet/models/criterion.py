@@ -80,7 +80,7 @@ class SelectionCriterion(nn.Module):
         self.parent = self.child = None  # the hierarchy's edges, deepest parents first
         self.level_sizes: list[int] = []
         if hierarchy is not None:  # a taxonomy.CategoryHierarchy in the model's row order
-            self.parent, self.child, self.level_sizes = hierarchy_edges(hierarchy)
+            self.parent, self.child, self.level_sizes = hierarchy_edges(hierarchy.levels)
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         if "beam_logits" in outputs:  # taxonomy-guided selection: every node the walk scored
