@@ -117,13 +117,17 @@ class ResNetBackbone(nn.Module):
 
 SWINS = {
     "swin_t": "swin_tiny_patch4_window7_224",
-    "swin_b": "swin_base_patch4_window12_384",  # the papers' Swin-B (1k or 22k weights)
+    "swin_b": "swin_base_patch4_window12_384",  # the papers' Swin-B (22k weights)
+    "swin_b_w7": "swin_base_patch4_window7_224",  # Swin-B 1k at window 7 (CQ-DINO's 1k model)
     "swin_l": "swin_large_patch4_window12_384",
 }
 
 
 class SwinBackbone(nn.Module):
-    """Features of Swin stages 2-4 (strides 8, 16, 32) from timm, for any input size.
+    """Features of Swin stages 2-4 (strides 8, 16, 32) from timm, for any input size, each
+    level through a LayerNorm of its own (`norms`), as DINO's and CQ-DINO's Swin do (their
+    `norm1`..`norm3`): a classification checkpoint has none of them, so they start as fresh
+    LayerNorms; the classifier's final `norm` is not used.
 
     A local checkpoint in timm's layout or in Microsoft's (the `swin_base_patch4_window12_384
     _22k.pth` releases the papers start from, converted by timm's own checkpoint filter, which
@@ -160,11 +164,16 @@ class SwinBackbone(nn.Module):
         info = self.net.feature_info
         self.channels = [info[i]["num_chs"] for i in (1, 2, 3)]
         self.strides = [info[i]["reduction"] for i in (1, 2, 3)]
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.net.forward_intermediates(
+        levels = self.net.forward_intermediates(
             images, indices=[1, 2, 3], intermediates_only=True, output_fmt="NCHW"
         )
+        return [
+            norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            for norm, x in zip(self.norms, levels)
+        ]
 
 
 def build_backbone(
@@ -175,7 +184,7 @@ def build_backbone(
     norm: str = "auto",
     weights_prefix: str | None = None,
 ) -> nn.Module:
-    """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/l`, with stochastic depth
+    """A ResNet (`resnet18/34/50/101`) or Swin (`swin_t/b/b_w7/l`, with stochastic depth
     `drop_path`, 0.2 when None as in DINO) backbone by name, normalised by `norm`
     (`resolve_norm`); `weights_prefix` names where a detector's checkpoint keeps the backbone
     (None: detected)."""
