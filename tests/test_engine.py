@@ -531,6 +531,21 @@ def test_a_world_of_one_left_in_the_environment_needs_no_rendezvous_address():
     assert done.returncode == 0 and done.stdout.strip().endswith("(0, 1)"), done.stderr[-2000:]
 
 
+def stacks_of(proc: subprocess.Popen) -> str:
+    """The Python stacks of a process that does not exit (py-spy, when installed), then kill its
+    process group."""
+    spy = Path(sys.executable).with_name("py-spy")
+    try:
+        found = subprocess.run(
+            [str(spy), "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
+        )
+        stacks = found.stdout + found.stderr
+    except (OSError, subprocess.TimeoutExpired) as err:
+        stacks = f"(no stacks: {err})"
+    os.killpg(proc.pid, signal.SIGKILL)
+    return stacks + proc.communicate()[1][-3000:]
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_training_with_one_line_naming_the_checkpoint_to_resume_from(
     dataset, tmp_path, sig, code
@@ -561,7 +576,10 @@ def test_a_signal_stops_training_with_one_line_naming_the_checkpoint_to_resume_f
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no exit within 120 s of {sig.name}; where it waits:\n{stacks_of(proc)}")
     assert proc.returncode == code, stderr[-2000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
     lines = [line for line in stdout.splitlines() if line.startswith("training stopped")]
