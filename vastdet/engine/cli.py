@@ -1,4 +1,5 @@
-"""`vastdet train`, `export`, `plot`, `eval`, `predict`, `patterns` and `pretrain-backbone`."""
+"""`vastdet train`, `export`, `convert`, `plot`, `eval`, `predict`, `patterns` and
+`pretrain-backbone`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,23 @@ def add_commands(subparsers) -> None:
     )  # fmt: skip
     export.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
     export.set_defaults(handler=_export)
+    convert = subparsers.add_parser(
+        "convert", help="a released CQ-DINO checkpoint (RedAIGC/CQ-DINO) as a vastdet model file"
+    )
+    convert.add_argument("checkpoint", type=Path, help="the released .pth (mmdetection 3)")
+    convert.add_argument(
+        "--taxonomy", required=True,
+        help="the categories in the release's row order, with their tree (for V3Det: "
+        "`vastdet taxonomy convert v3det_2023_v1_category_tree.json`)",
+    )  # fmt: skip
+    convert.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="the model file: a PyTorch file, or safetensors when it ends in .safetensors",
+    )  # fmt: skip
+    convert.add_argument(
+        "--report", type=Path, help="a JSON file accounting for every tensor (mapped or dropped)"
+    )
+    convert.set_defaults(handler=_convert)
     plot = subparsers.add_parser("plot", help="PNG charts of a run's metrics")
     plot.add_argument("run_dir", type=Path)
     plot.add_argument(
@@ -159,6 +177,34 @@ def _export(args: argparse.Namespace) -> int:
     from vastdet.engine.export import export_checkpoint
 
     print(f"exported {export_checkpoint(args.run_dir, args.output, args.tag)}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import json
+
+    from taxonomy import load_taxonomy
+    from vastdet.config import from_dict, load_config, merged, preset_path, read_yaml
+    from vastdet.engine.config import TrainConfig
+    from vastdet.models.build import ModelConfig
+    from vastdet.runtime.convert import convert_released
+    from vastdet.runtime.loading import write_model_file
+
+    # the released configs' recipe (V3Det's evaluation size and protocol) around the model
+    recipe_path = preset_path("cq_dino_swin_b_v3det_stage2")
+    categories = str(Path(args.taxonomy).resolve())
+    data = {"data": {"train_shards": "(converted)", "categories": categories}}
+    recipe = from_dict(TrainConfig, merged(read_yaml(recipe_path), data), str(recipe_path))
+    base = load_config(preset_path("cq_dino_swin_b"), ModelConfig)
+    done = convert_released(args.checkpoint, load_taxonomy(args.taxonomy), base)
+    recipe.model, recipe.data.train_shards = done.model, ""  # no shards of ours trained it
+    tag = f"converted from {args.checkpoint.name}"
+    write_model_file(done.state, recipe.to_dict(), tag, args.output)
+    if args.report:
+        account = {"mapped": done.mapped, "dropped": done.dropped, "kept": done.kept}
+        args.report.write_text(json.dumps(account, indent=1))
+    print("\n".join(done.summary()))
+    print(f"converted {args.checkpoint} to {args.output}")
     return 0
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import torch
-
-from taxonomy.files import atomic_output
-from vastdet.runtime.loading import EXPORT_FORMAT, consolidated_state
+from vastdet.runtime.loading import consolidated_state, write_model_file
 
 
 def export_checkpoint(
@@ -22,21 +18,4 @@ def export_checkpoint(
     that format instead (the tensors, with the format, config and tag as its metadata).
     """
     state, config, tag = consolidated_state(run_dir, tag)
-    if Path(output).suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-        metadata = {"format": EXPORT_FORMAT, "config": json.dumps(config), "tag": tag}
-        with atomic_output(output) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return Path(output)
-    payload = {
-        "format": EXPORT_FORMAT,
-        "model": state,
-        "category_ids": state["category_ids"].clone(),
-        "config": json.dumps(config),
-        "tag": tag,
-    }
-    with atomic_output(output) as tmp:
-        torch.save(payload, tmp)
-    return Path(output)
+    return write_model_file(state, config, tag, output)

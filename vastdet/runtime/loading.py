@@ -105,6 +105,33 @@ def load_model(path: str | os.PathLike):
     return load_exported(path)
 
 
+def write_model_file(state: dict, config: dict, tag: str, output: str | os.PathLike) -> Path:
+    """A model file {format, model, category_ids, config, tag} (what `vastdet export` and
+    `vastdet convert` write): a PyTorch file of tensors, numbers and strings only (it loads with
+    `torch.load(path, weights_only=True)`), or, for an `output` ending in `.safetensors`, the
+    tensors in that format with the format, config and tag as its metadata."""
+    from taxonomy.files import atomic_output
+
+    if Path(output).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+        metadata = {"format": EXPORT_FORMAT, "config": json.dumps(config), "tag": tag}
+        with atomic_output(output) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return Path(output)
+    payload = {
+        "format": EXPORT_FORMAT,
+        "model": state,
+        "category_ids": state["category_ids"].clone(),
+        "config": json.dumps(config),
+        "tag": tag,
+    }
+    with atomic_output(output) as tmp:
+        torch.save(payload, tmp)
+    return Path(output)
+
+
 def read_exported(path: str | os.PathLike) -> dict:
     """An exported file's payload (a PyTorch file or safetensors); names a file that is not
     one."""
