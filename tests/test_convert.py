@@ -412,3 +412,33 @@ def test_a_checkpoint_the_rules_do_not_cover_is_refused_naming_the_keys(tmp_path
     torch.save(state, path)
     with pytest.raises(ConversionError, match="11 category rows; the taxonomy has 12"):
         convert_released(path, tree, small_base())
+
+
+def test_a_stage_one_file_gives_the_selector_that_stage_two_starts_from(tmp_path, converted):
+    """The release's stage-1 file (backbone and language model alone) converts to the selector
+    model; stage 2 (`init_from`) takes every one of its tensors."""
+    from taxonomy import load_taxonomy
+    from vastdet.models.build import build_model
+    from vastdet.runtime.convert import convert_released
+    from vastdet.runtime.loading import load_weights_from, write_model_file
+
+    _, full, _, tree_path = converted
+    stage1 = {
+        k: v
+        for k, v in released_layout(12).items()
+        if k.startswith(("backbone.", "language_model."))
+    }
+    path = tmp_path / "stage1.pth"
+    torch.save({"state_dict": stage1}, path)
+    tree = load_taxonomy(tree_path)
+    done = convert_released(path, tree, small_base())
+    assert done.model.architecture == "cq_selector"
+    assert set(done.mapped) | set(done.dropped) == set(stage1)
+    model_file = tmp_path / "stage1_vastdet.pth"
+    write_model_file(done.state, {"model": {}, "data": {}}, "stage 1", model_file)
+    stage2, _, _ = build_model(full.model, done.state["category_ids"].tolist(), tree)
+    assert load_weights_from(stage2, model_file) == len(done.state)
+    ours = stage2.state_dict()
+    assert torch.equal(ours["selector.layers.0.q.weight"], stage1[
+        "language_model.tagging_head.encoder.layer.0.crossattention.self.query.weight"
+    ])  # fmt: skip

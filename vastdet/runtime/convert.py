@@ -252,7 +252,8 @@ def released_settings(state: dict, base):
     """Our model settings (a `ModelConfig`) for a released state dict: `base` (the released
     configs' values, `cq_dino_swin_b`) with what the tensors say: the Swin variant, layer
     counts, queries, widths, and the released rules where ours differ by default (the tree's
-    `official` weights, pooling over padding)."""
+    `official` weights, pooling over padding). A stage-1 file (the backbone and the language
+    model alone) gives the selector model (`cq_selector`), which stage 2's `init_from` takes."""
     try:
         embed = state["backbone.patch_embed.projection.weight"].shape[0]
         table = state["backbone.stages.0.blocks.0.attn.w_msa.relative_position_bias_table"]
@@ -265,21 +266,11 @@ def released_settings(state: dict, base):
             f"a Swin of width {embed} with window {window} is not one vastdet builds "
             f"({', '.join(f'{v}: {k}' for k, v in SWIN_BY_SHAPE.items())})"
         )
-    fusion = state.get("encoder.fusion_layers.0.attn.v_proj.weight")
-    return replace(
-        base,
-        architecture="cq_dino",
+    common = dict(
         backbone=SWIN_BY_SHAPE[(embed, window)],
         backbone_weights=None,
         category_embeddings=None,
         init_from=None,
-        d_model=state["query_embedding.weight"].shape[1],
-        num_queries=state["query_embedding.weight"].shape[0],
-        num_levels=state["level_embed"].shape[0],
-        enc_layers=_count(state, r"encoder\.layers\.(\d+)\."),
-        dec_layers=_count(state, r"decoder\.layers\.(\d+)\."),
-        d_ffn=state["encoder.layers.0.ffn.layers.0.0.weight"].shape[0],
-        fusion_dim=fusion.shape[0] if fusion is not None else base.fusion_dim,
         text_dim=labels.shape[1],
         category_width=state["language_model.wordvec_proj.weight"].shape[0],
         selector_layers=_count(state, r"language_model\.tagging_head\.encoder\.layer\.(\d+)\."),
@@ -287,12 +278,27 @@ def released_settings(state: dict, base):
             "language_model.tagging_head.encoder.layer.0.intermediate.dense.weight"
         ].shape[0],
         selector_image_width=state["language_model.image_proj.weight"].shape[0],
-        share_heads=False,
         correlation="tree",
         tree_alpha="official",
         selector_masks_padding=False,
-        dn_labels="learned",
         selection="flat",
+    )
+    if "query_embedding.weight" not in state:  # stage 1: the backbone and the selector alone
+        return replace(base, architecture="cq_selector", **common)
+    fusion = state.get("encoder.fusion_layers.0.attn.v_proj.weight")
+    return replace(
+        base,
+        architecture="cq_dino",
+        d_model=state["query_embedding.weight"].shape[1],
+        num_queries=state["query_embedding.weight"].shape[0],
+        num_levels=state["level_embed"].shape[0],
+        enc_layers=_count(state, r"encoder\.layers\.(\d+)\."),
+        dec_layers=_count(state, r"decoder\.layers\.(\d+)\."),
+        d_ffn=state["encoder.layers.0.ffn.layers.0.0.weight"].shape[0],
+        fusion_dim=fusion.shape[0] if fusion is not None else base.fusion_dim,
+        share_heads=False,
+        dn_labels="learned",
+        **common,
     )
 
 
