@@ -402,11 +402,14 @@ def test_the_v3det_recipe_presets_load_with_a_users_data(tmp_path):
     assert first.steps == 114380 and first.data.transforms.scales[-1] == 800
 
 
-@pytest.mark.parametrize("stage, model", [(2, "paq_dino_tiny"), (3, "paq_cq_dino_tiny")])
+@pytest.mark.parametrize(
+    "stage, model", [(2, "paq_dino_tiny"), (1, "paq_cq_dino_tiny"), (3, "paq_cq_dino_tiny")]
+)
 def test_paq_models_train_on_two_ranks_under_zero(dataset, tmp_path, stage, model):
-    """PaQ-DINO (ZeRO-2) and PaQ-CQ-DINO (ZeRO-3): pattern queries and one-to-many losses on
-    two ranks whose single-image batches are often empty (about half the images have no
-    object), so every parameter must take part on every rank."""
+    """PaQ-DINO (ZeRO-2) and PaQ-CQ-DINO (ZeRO-1, its category queries through the lean
+    encoding; ZeRO-3, through autograd): pattern queries and one-to-many losses on two ranks
+    whose single-image batches are often empty (about half the images have no object), so
+    every parameter must take part on every rank."""
     out = tmp_path / f"paq{stage}"
     metrics = run(
         config(dataset, out, evaluate=True, model=model, zero_stage=stage, steps=6),

@@ -22,11 +22,13 @@ import logging
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 CORRELATIONS = ("tree", "self_attention", "none")
+LEAN_CHUNK = 16384  # rows of the [C, W] encoding a lean pass computes at a time
 _TREE_BUFFERS = ("tree_parent", "tree_child", "tree_level_sizes", "tree_alpha")
 
 
@@ -54,6 +56,100 @@ def tree_construction(
         blended = (1 - a) * out[rows] + a * sums / counts
         out = out.index_copy(0, rows, blended)
     return out
+
+
+def _tree_levels(parent, child, level_sizes, alpha):
+    """Per level, deepest parents first: (parent rows [R], each edge's parent slot [E], child
+    rows [E], alpha [R, 1], edges per parent [R, 1])."""
+    start = 0
+    for size in level_sizes:
+        p, c = parent[start : start + size], child[start : start + size]
+        start += size
+        rows, slot = torch.unique(p, return_inverse=True)
+        counts = torch.bincount(slot, minlength=len(rows))[:, None]
+        yield rows, slot, c, alpha[rows][:, None], counts
+
+
+def tree_construction_(out, parent, child, level_sizes, alpha, chunk: int = 65536) -> None:
+    """`tree_construction` in place on `out` [C, D], children gathered `chunk` edges at a time:
+    a level holds [parents, D] more, never [edges, D]."""
+    for rows, slot, c, a, counts in _tree_levels(parent, child, level_sizes, alpha):
+        sums = out.new_zeros(len(rows), out.shape[1])
+        for i in range(0, len(c), chunk):
+            sums.index_add_(0, slot[i : i + chunk], out[c[i : i + chunk]])
+        a = a.to(out.dtype)
+        out.index_copy_(0, rows, (1 - a) * out[rows] + a * sums / counts.to(out.dtype))
+
+
+def tree_transpose_(grad, parent, child, level_sizes, alpha, chunk: int = 65536) -> None:
+    """The gradient through `tree_construction`, in place on `grad` [C, D]: the tree is linear
+    in the queries, so each level's transpose runs in reverse order, shallowest first: a parent
+    keeps (1 - alpha) of its gradient and passes alpha / (its number of children) to each
+    child."""
+    levels = list(_tree_levels(parent, child, level_sizes, alpha))
+    for rows, slot, c, a, counts in reversed(levels):
+        a = a.to(grad.dtype)
+        g = grad[rows]
+        grad.index_copy_(0, rows, (1 - a) * g)
+        share = a / counts.to(grad.dtype) * g
+        for i in range(0, len(c), chunk):
+            grad.index_add_(0, c[i : i + chunk], share[slot[i : i + chunk]])
+
+
+class LeanEncoding(torch.autograd.Function):
+    """relu(table proj^T + b) -> tree construction -> LayerNorm, the queries' encoding, for
+    training at vast C: computed `chunk` rows at a time into one [C, W] tensor, keeping nothing
+    of it for the backward pass, which recomputes it the same way, runs the tree's transpose in
+    place and, when the table is as wide as the queries (768 and 768 in the full presets),
+    writes the table's gradient into the same buffer. Exact: the same operations as the
+    autograd path, so a step holds the table's gradient and one [C, W] buffer beside the
+    incoming gradient, instead of relu's and the norm's saved [C, W] activations as well."""
+
+    @staticmethod
+    def forward(ctx, table, weight, bias, gamma, beta, parent, child, alpha, sizes, eps, chunk):
+        ctx.save_for_backward(table, weight, bias, gamma, beta, parent, child, alpha)
+        ctx.sizes, ctx.eps, ctx.chunk = sizes, eps, chunk
+        out = LeanEncoding._pre_norm(table, weight, bias, parent, child, alpha, sizes, chunk)
+        for i in range(0, len(out), chunk):
+            out[i : i + chunk] = F.layer_norm(out[i : i + chunk], gamma.shape, gamma, beta, eps)
+        return out
+
+    @staticmethod
+    def _pre_norm(table, weight, bias, parent, child, alpha, sizes, chunk):
+        out = table.new_empty(len(table), weight.shape[0])
+        for i in range(0, len(table), chunk):
+            out[i : i + chunk] = torch.relu(F.linear(table[i : i + chunk], weight, bias))
+        if parent.numel():
+            tree_construction_(out, parent, child, sizes, alpha)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, weight, bias, gamma, beta, parent, child, alpha = ctx.saved_tensors
+        chunk = ctx.chunk
+        buf = LeanEncoding._pre_norm(table, weight, bias, parent, child, alpha, ctx.sizes, chunk)
+        g_gamma, g_beta = torch.zeros_like(gamma), torch.zeros_like(beta)
+        for i in range(0, len(buf), chunk):  # the norm's backward, row chunk by row chunk
+            with torch.enable_grad():
+                x = buf[i : i + chunk].detach().requires_grad_()
+                w, b = gamma.detach().requires_grad_(), beta.detach().requires_grad_()
+                y = F.layer_norm(x, gamma.shape, w, b, ctx.eps)
+                gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad[i : i + chunk])
+            buf[i : i + chunk] = gx
+            g_gamma += gw
+            g_beta += gb
+        if parent.numel():
+            tree_transpose_(buf, parent, child, ctx.sizes, alpha)
+        g_weight, g_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+        same = buf.shape == table.shape and buf.dtype == table.dtype
+        g_table = buf if same else torch.empty_like(table)
+        for i in range(0, len(table), chunk):  # relu and the projection
+            rows = table[i : i + chunk]
+            g = buf[i : i + chunk] * (F.linear(rows, weight, bias) > 0)
+            g_weight += g.T @ rows
+            g_bias += g.sum(0)
+            g_table[i : i + chunk] = g @ weight
+        return g_table, g_weight, g_bias, g_gamma, g_beta, *([None] * 6)
 
 
 def ancestor_mask(
@@ -125,6 +221,9 @@ class CategoryQueries(nn.Module):
         if correlation not in CORRELATIONS:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, not {correlation!r}")
         self.correlation = correlation
+        # training encodes the queries with `LeanEncoding` (same result and gradients, less
+        # memory); False: plain autograd (for side-by-side measurements)
+        self.lean = True
         self.embedding = QueryTable(num_categories, text_dim)
         if init is not None:
             if tuple(init.shape) != (num_categories, text_dim):
@@ -180,6 +279,20 @@ class CategoryQueries(nn.Module):
         gathers parameters on module calls)."""
         if getattr(self, "encoded", None) is not None:
             return self.encoded
+        if self.lean and self.correlation != "self_attention" and torch.is_grad_enabled():
+            return LeanEncoding.apply(
+                self.embedding(),
+                self.proj.weight,
+                self.proj.bias,
+                self.norm.weight,
+                self.norm.bias,
+                self.tree_parent if self.correlation == "tree" else self.tree_parent[:0],
+                self.tree_child,
+                self.tree_alpha,
+                self.tree_level_sizes.tolist(),
+                self.norm.eps,
+                LEAN_CHUNK,
+            )
         q = torch.relu(self.proj(self.embedding()))
         if self.correlation == "self_attention":
             x = q[None]

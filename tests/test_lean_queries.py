@@ -1,0 +1,100 @@
+"""The lean encoding of the category queries (`LeanEncoding`): row chunks, the tree in place and
+its transpose in place must give the autograd path's queries and gradients exactly (up to
+float rounding), on a DAG with several parents per node; and it must keep less memory."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import vastdet.models.category_queries as cq
+from taxonomy import CategoryHierarchy, Node, Taxonomy
+
+
+def random_dag(n: int = 60, seed: int = 0) -> Taxonomy:
+    """Four levels; about one node in five below the roots has a second parent."""
+    rng = random.Random(seed)
+    nodes, by_level = [], [[] for _ in range(4)]
+    for i in range(n):
+        level = 0 if i < 4 else rng.randint(1, 3)
+        parents = ()
+        if level:
+            above = [p for lv in by_level[:level] for p in lv] or by_level[0]
+            parents = tuple(sorted(set(rng.sample(above, 2 if rng.random() < 0.2 else 1))))
+        nodes.append(Node(f"n{i}", f"node {i}", parents, category_id=100 + 3 * i))
+        by_level[level].append(f"n{i}")
+    return Taxonomy(nodes)
+
+
+def queries(correlation: str = "tree", width: int = 16, text_dim: int = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    hierarchy = CategoryHierarchy.from_taxonomy(random_dag(), w=0.3)
+    return cq.CategoryQueries(60, width, text_dim, correlation, hierarchy=hierarchy)
+
+
+def grads(module, weights: torch.Tensor):
+    module.zero_grad()
+    out = module()
+    (out * weights).sum().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("correlation, text_dim", [("tree", 16), ("tree", 12), ("none", 16)])
+def test_the_lean_encoding_gives_the_autograd_queries_and_gradients(
+    monkeypatch, correlation, text_dim
+):
+    module = queries(correlation, text_dim=text_dim)
+    weights = torch.randn(60, 16)
+    module.lean = False
+    want, want_grads = grads(module, weights)
+    module.lean = True
+    monkeypatch.setattr(cq, "LEAN_CHUNK", 7)  # several row chunks, the last one short
+    got, got_grads = grads(module, weights)
+    torch.testing.assert_close(got, want)
+    assert want_grads.keys() == got_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], msg=name)
+    assert module.embedding.weight.grad.abs().sum() > 0
+
+
+def test_the_in_place_tree_and_its_transpose_match_autograd():
+    h = CategoryHierarchy.from_taxonomy(random_dag(seed=3), w=0.4)
+    parent, child, sizes = cq.hierarchy_edges(h.levels)
+    alpha = torch.as_tensor(h.alpha, dtype=torch.float32)
+    x = torch.randn(60, 5, requires_grad=True)
+    y = cq.tree_construction(x, parent, child, sizes, alpha)
+    g = torch.randn(60, 5)
+    (want,) = torch.autograd.grad(y, x, g)
+    inplace = x.detach().clone()
+    cq.tree_construction_(inplace, parent, child, sizes, alpha, chunk=3)
+    torch.testing.assert_close(inplace, y.detach())
+    back = g.clone()
+    cq.tree_transpose_(back, parent, child, sizes, alpha, chunk=3)
+    torch.testing.assert_close(back, want)
+    # the walk is not the identity: the DAG's parents did change
+    assert not torch.allclose(inplace, x.detach())
+
+
+def test_the_lean_step_keeps_less_than_the_autograd_step():
+    """Saved activations: the autograd path keeps relu's and the norm's [C, W] tensors for the
+    backward pass; the lean one keeps only what it was given."""
+    module = queries(width=32, text_dim=32)
+
+    def saved_bytes(lean: bool) -> int:
+        module.lean = lean
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if not isinstance(t, torch.nn.Parameter):
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module()
+        return total
+
+    lean, plain = saved_bytes(True), saved_bytes(False)
+    assert lean < 60 * 32 * 4 <= plain - 60 * 32 * 4  # at least two [C, W] fewer
