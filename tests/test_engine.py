@@ -407,16 +407,25 @@ def test_the_v3det_recipe_presets_load_with_a_users_data(tmp_path):
 )
 def test_paq_models_train_on_two_ranks_under_zero(dataset, tmp_path, stage, model):
     """PaQ-DINO (ZeRO-2) and PaQ-CQ-DINO (ZeRO-1, its category queries through the lean
-    encoding; ZeRO-3, through autograd): pattern queries and one-to-many losses on two ranks
-    whose single-image batches are often empty (about half the images have no object), so
-    every parameter must take part on every rank."""
+    encoding and the table's moments in bfloat16; ZeRO-3, through autograd): pattern queries
+    and one-to-many losses on two ranks whose single-image batches are often empty (about half
+    the images have no object), so every parameter must take part on every rank."""
     out = tmp_path / f"paq{stage}"
+    optim = {"lr": 1e-3, "clip_grad": 1.0, "table_moments": "bf16" if stage == 1 else "fp32"}
     metrics = run(
-        config(dataset, out, evaluate=True, model=model, zero_stage=stage, steps=6),
+        config(dataset, out, evaluate=True, model=model, zero_stage=stage, steps=6, optim=optim),
         world=2,
     )
     assert len(metrics) == 6 and all(m["loss"] == m["loss"] for m in metrics)
     assert all("loss_o2m" in m and "loss_div" in m for m in metrics)
+    if stage == 1:  # ZeRO-1 kept the table's partition of Adam moments in bfloat16
+        from vastdet.runtime.partitions import load_checkpoint_file
+
+        optim = load_checkpoint_file(
+            next((out / "checkpoints").glob("step_*/zero_pp_rank_0_*optim_states.pt"))
+        )
+        moments = optim["optimizer_state_dict"]["base_optimizer_state"]["state"].values()
+        assert {m["exp_avg"].dtype for m in moments} == {torch.float32, torch.bfloat16}
     evaluation = json.loads((out / "eval" / "metrics.json").read_text())
     assert evaluation["images"] == 5 and 0 <= evaluation["query_gini"] <= 29 / 30
     from vastdet.cli import main

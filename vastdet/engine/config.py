@@ -37,6 +37,13 @@ class OptimConfig:
     decay_gamma: float = at_least(0.0, 0.1)
     clip_grad: float = at_least(0.0, 0.1)
     decay_1d: bool = True  # weight decay on norms and biases too (DINO); False exempts them
+    # the category table's Adam moments: fp32 (exact), or bf16 with stochastic rounding (half
+    # their memory, 3 GB less at 10^6 x 768; `vastdet.engine.optim`)
+    table_moments: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.table_moments not in ("fp32", "bf16"):
+            raise ValueError(f"table_moments must be fp32 or bf16, not {self.table_moments!r}")
 
 
 @dataclass

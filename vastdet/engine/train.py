@@ -35,9 +35,13 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss."""
 
 
+TABLE = "category_queries.embedding.weight"  # CQ-DINO's [C, D_text] category table
+
+
 def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     """AdamW groups by name pattern. Every parameter is decayed, as DINO and CQ-DINO's released
-    code do, unless `decay_1d` is off (then norms and biases are exempt)."""
+    code do, unless `decay_1d` is off (then norms and biases are exempt). With `table_moments:
+    bf16` the category table has a group of its own whose moments are bfloat16."""
     patterns = [(re.compile(g.pattern), g) for g in optim.param_groups]
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
@@ -48,7 +52,8 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
         wd_mult = rule.weight_decay_mult if rule else 1.0
         if param.ndim <= 1 and not optim.decay_1d:
             wd_mult = 0.0
-        key = (lr_mult, wd_mult)
+        low = optim.table_moments == "bf16" and name == TABLE
+        key = (lr_mult, wd_mult, low)
         group = groups.setdefault(
             key,
             {
@@ -56,6 +61,7 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
                 "lr_mult": lr_mult,
                 "weight_decay": optim.weight_decay * wd_mult,
                 "lr": optim.lr * lr_mult,
+                **({"moments": "bf16"} if low else {}),
             },
         )
         group["params"].append(param)
@@ -79,6 +85,8 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "train_batch_size": cfg.data.batch_size * cfg.grad_accum * world,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.zero_stage},
+        # torch's AdamW with bf16 moments for the table (`vastdet.engine.optim`)
+        "zero_allow_untested_optimizer": cfg.optim.table_moments == "bf16",
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -203,7 +211,12 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
         count = load_weights_from(model, cfg.model.init_from)
         log.info("initialised %d tensors from %s", count, cfg.model.init_from)
     groups = parameter_groups(model, cfg.optim)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    if cfg.optim.table_moments == "bf16":
+        from vastdet.engine.optim import AdamW
+
+        optimizer = AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), seed=cfg.seed)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     if cfg.zero_stage == 3 and hasattr(model, "category_queries"):
         # the lean encoding reads the projection's and the norm's weights inside one function,
         # where ZeRO-3's per-module gathering does not reach; ZeRO-3 partitions the table instead

@@ -1,0 +1,96 @@
+"""CQ-DINO's full-size training step at a vast vocabulary: memory of the category table's encoding
+with autograd (every [C, W] activation kept for the backward pass) against the lean encoding
+(`vastdet.models.category_queries.LeanEncoding`), and the lean encoding with the table's Adam
+moments in bfloat16 (`optim.table_moments: bf16`, `vastdet.engine.optim`), side by side.
+
+    python benchmarks/bench_table_step.py [--sizes 100000 1000000] [--image 320]
+
+The detector is `bench_vocab_scaling.py`'s (ResNet-18 for CPU time, d 256, 6 + 6 layers, 900
+queries, C' = 100, a 10-way synthetic tree, 768-wide category queries) and its step: forward,
+losses, backward and a plain AdamW step on one image, in a fresh process per case, peak
+resident memory counted from after the model is built. The two cases start from the same
+seed, so the same loss and the same update are expected (the first step's update does not
+depend on how the moments are stored, only later ones do; `tests/test_optim.py` measures
+that): the table prints the loss and the size of the table's update, and their differences
+from the autograd case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from bench_vocab_scaling import build, peak_gb, reset_peak
+
+CASES = ("autograd", "lean", "lean_bf16")
+
+
+def child(case: str, n: int, image: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model, criterion, _ = build("cq_dino", n)
+    model.category_queries.lean = case != "autograd"
+    model.train()
+    images = torch.randint(0, 255, (1, 3, image, image), dtype=torch.uint8)
+    masks = torch.zeros(1, image, image, dtype=torch.bool)
+    targets = [
+        {
+            "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.6, 0.2, 0.3]]),
+            "labels": torch.tensor([1, n]),
+        }
+    ]
+    table = model.category_queries.embedding.weight
+    from vastdet.engine.optim import AdamW
+
+    rest = [p for p in model.parameters() if p.requires_grad and p is not table]
+    moments = "bf16" if case.endswith("bf16") else "fp32"
+    optim = AdamW([{"params": rest}, {"params": [table], "moments": moments}], lr=1e-4)
+    reset_peak()
+    start = time.perf_counter()
+    torch.manual_seed(1)  # the same denoising noise in every case
+    losses = criterion(model(images, masks, targets), targets)
+    loss = criterion.weighted_sum(losses)
+    before = table.detach()[:: max(1, n // 4096)].clone()
+    loss.backward()
+    optim.step()
+    seconds = time.perf_counter() - start
+    update = (table.detach()[:: max(1, n // 4096)] - before).norm().item()
+    return {"peak_gb": peak_gb(), "step_s": seconds, "loss": loss.item(), "update": update}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100000, 1000000])
+    parser.add_argument("--image", type=int, default=320)
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.image)))
+        return
+    print(f"image {args.image}x{args.image}, batch 1, ResNet-18, d 256, 6+6 layers, 900 queries")
+    print(f"{'C':>9} {'case':<9} {'peak GB':>8} {'x autograd':>10} {'step s':>7} "
+          f"{'loss':>10} {'d loss':>9} {'update':>10} {'d update':>9}")  # fmt: skip
+    for n in args.sizes:
+        base = None
+        for case in CASES:
+            cmd = [sys.executable, __file__, "--image", str(args.image), "--child", case, str(n)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{n:>9,} {case:<9} failed ({proc.returncode}): {proc.stderr[-300:]}")
+                continue
+            r = json.loads(proc.stdout.splitlines()[-1])
+            base = base or r
+            print(
+                f"{n:>9,} {case:<9} {r['peak_gb']:>8.2f} {r['peak_gb'] / base['peak_gb']:>10.2f} "
+                f"{r['step_s']:>7.1f} {r['loss']:>10.5f} {r['loss'] - base['loss']:>9.1e} "
+                f"{r['update']:>10.4e} {r['update'] - base['update']:>9.1e}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
