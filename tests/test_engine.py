@@ -544,18 +544,16 @@ def test_a_world_of_one_left_in_the_environment_needs_no_rendezvous_address():
 
 
 def stacks_of(proc: subprocess.Popen) -> str:
-    """The Python stacks of a process that does not exit (py-spy, when installed), then kill its
-    process group."""
-    spy = Path(sys.executable).with_name("py-spy")
+    """Every thread's Python stack of a process that does not exit (run with
+    PYTHONFAULTHANDLER=1: SIGABRT makes it print them as it dies), then its group killed."""
+    proc.send_signal(signal.SIGABRT)
     try:
-        found = subprocess.run(
-            [str(spy), "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60
-        )
-        stacks = found.stdout + found.stderr
-    except (OSError, subprocess.TimeoutExpired) as err:
-        stacks = f"(no stacks: {err})"
-    os.killpg(proc.pid, signal.SIGKILL)
-    return stacks + proc.communicate()[1][-3000:]
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        stderr = "(no stacks within 60 s of SIGABRT)"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return stderr[-6000:]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -573,7 +571,12 @@ def test_a_signal_stops_training_with_one_line_naming_the_checkpoint_to_resume_f
     cfg = config(dataset, out, steps=400, checkpoint_every=2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vastdet.cli", "train", "--config", str(cfg)],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONFAULTHANDLER": "1",  # so that a hang can be shown (`stacks_of`)
+        },
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
