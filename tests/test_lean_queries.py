@@ -98,3 +98,37 @@ def test_the_lean_step_keeps_less_than_the_autograd_step():
 
     lean, plain = saved_bytes(True), saved_bytes(False)
     assert lean < 60 * 32 * 4 <= plain - 60 * 32 * 4  # at least two [C, W] fewer
+
+
+def test_chunked_scores_give_the_checkpointed_logits_and_gradients_dropout_included():
+    """`ChunkedScores` (one gradient buffer for the queries) against one checkpoint per chunk:
+    the same logits and gradients, with the selector's dropout on (the recomputation must draw
+    the same masks)."""
+    from vastdet.models.cq_dino import ImageGuidedSelection
+
+    torch.manual_seed(0)
+    selector = ImageGuidedSelection(12, width=16, image_width=8, layers=2, heads=4, ffn=24,
+                                    dropout=0.1, chunk=5).train()  # fmt: skip
+    feature = torch.randn(2, 12, 3, 4)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[1, :, 3:] = True
+    cats = torch.randn(23, 16)
+    weights = torch.randn(2, 23)
+
+    def run(lean: bool):
+        selector.lean = lean
+        selector.zero_grad()
+        c = cats.clone().requires_grad_()
+        torch.manual_seed(7)
+        logits = selector(c, feature, mask)
+        (logits * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in selector.named_parameters()}
+        return logits.detach(), c.grad, grads, torch.rand(1)
+
+    want, want_cats, want_params, want_next = run(False)
+    got, got_cats, got_params, got_next = run(True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_cats, want_cats)
+    for name in want_params:
+        torch.testing.assert_close(got_params[name], want_params[name], msg=name)
+    assert torch.equal(got_next, want_next)  # the random stream after the step is the same

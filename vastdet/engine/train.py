@@ -218,10 +218,10 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     if cfg.zero_stage == 3 and hasattr(model, "category_queries"):
-        # the lean encoding reads the projection's and the norm's weights inside one function,
-        # where ZeRO-3's per-module gathering does not reach; ZeRO-3 partitions the table instead
-        model.category_queries.lean = False
-        log.info("ZeRO-3: the category queries are encoded with autograd (not the lean pass)")
+        # the lean encoding and scoring read submodules' weights inside one function, where
+        # ZeRO-3's per-module gathering does not reach; ZeRO-3 partitions the table instead
+        model.category_queries.lean = model.selector.lean = False
+        log.info("ZeRO-3: the category queries are encoded and scored with autograd")
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world)
     )

@@ -120,6 +120,9 @@ class ImageGuidedSelection(nn.Module):
     ):
         super().__init__()
         self.chunk, self.mask_padding = chunk, mask_padding
+        # training scores every category through `ChunkedScores` (one gradient buffer for the
+        # queries); False: one checkpoint per chunk (ZeRO-3, which gathers per module call)
+        self.lean = True
         self.image_proj = nn.Linear(in_channels, image_width)
         self.layers = nn.ModuleList(
             SelectorLayer(width, image_width, heads, ffn, dropout) for _ in range(layers)
@@ -150,6 +153,10 @@ class ImageGuidedSelection(nn.Module):
 
     def score(self, categories: torch.Tensor, kv, bias) -> torch.Tensor:
         """Logits [B, C] of every category query [C, W]."""
+        if self.lean and torch.is_grad_enabled() and len(categories) > self.chunk:
+            params = [p for p in (*self.layers.parameters(), *self.scorer.parameters())]
+            flat = [t for pair in kv for t in pair]
+            return ChunkedScores.apply(self, len(params), categories, bias, *flat, *params)
         parts = []
         for chunk in categories.split(self.chunk):
             if torch.is_grad_enabled() and len(categories) > self.chunk:
@@ -167,6 +174,72 @@ class ImageGuidedSelection(nn.Module):
     ) -> torch.Tensor:
         """categories [C, W]; feature [B, C_in, H, W] (last backbone level); mask [B, H, W]."""
         return self.score(categories, *self.tokens(feature, mask))
+
+
+class ChunkedScores(torch.autograd.Function):
+    """Every category's logit [B, C], `chunk` queries at a time, nothing of the chunks kept: the
+    backward pass recomputes each chunk and writes its queries' gradient into one [C, W]
+    tensor (a checkpoint per chunk would hold every chunk's gradient and then their
+    concatenation, two [C, W] tensors more at the moment the step peaks), summing the image
+    tokens' and the head's gradients over the chunks."""
+
+    @staticmethod
+    def forward(ctx, selector, num_params, categories, bias, *tensors):
+        flat = tensors[: len(tensors) - num_params]
+        ctx.selector, ctx.num_params = selector, num_params
+        ctx.save_for_backward(categories, bias, *tensors)
+        ctx.rng = _rng_states(categories.device)  # dropout: the recomputation draws the same
+        kv = list(zip(flat[0::2], flat[1::2]))
+        parts = [selector._score(c, kv, bias) for c in categories.split(selector.chunk)]
+        return torch.cat(parts, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        categories, bias, *tensors = ctx.saved_tensors
+        selector, num_params = ctx.selector, ctx.num_params
+        flat, params = tensors[: len(tensors) - num_params], tensors[len(tensors) - num_params :]
+        g_cats = torch.empty_like(categories)
+        g_flat = [torch.zeros_like(t) for t in flat]
+        g_params = [torch.zeros_like(p) for p in params]
+        start = 0
+        device = categories.device
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else []):
+            _set_rng_states(device, ctx.rng)
+            for chunk in categories.split(selector.chunk):
+                start = _chunk_backward(
+                    selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params
+                )
+        return None, None, g_cats, None, *g_flat, *g_params
+
+
+def _rng_states(device: torch.device) -> tuple:
+    """The CPU generator's state and, on an accelerator, that device's."""
+    if device.type == "cpu":
+        return (torch.get_rng_state(), None)
+    return (torch.get_rng_state(), torch.get_device_module(device).get_rng_state(device))
+
+
+def _set_rng_states(device: torch.device, states: tuple) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.get_device_module(device).set_rng_state(states[1], device)
+
+
+def _chunk_backward(selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params):
+    """One chunk of `ChunkedScores.backward`: recompute it, write its queries' gradient into
+    `g_cats` and add the tokens' and parameters' in; returns the next chunk's first row."""
+    with torch.enable_grad():
+        c = chunk.detach().requires_grad_()
+        leaves = [t.detach().requires_grad_() for t in flat]
+        out = selector._score(c, list(zip(leaves[0::2], leaves[1::2])), bias)
+        found = torch.autograd.grad(
+            out, [c, *leaves, *params], grad[:, start : start + len(chunk)], allow_unused=True
+        )
+    g_cats[start : start + len(chunk)] = found[0]
+    for total, part in zip(g_flat + g_params, found[1:]):
+        if part is not None:
+            total += part
+    return start + len(chunk)
 
 
 DN_LABELS = ("learned", "category")
