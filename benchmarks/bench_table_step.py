@@ -1,14 +1,15 @@
-"""CQ-DINO's full-size training step at a vast vocabulary: memory of the category table's encoding
-with autograd (every [C, W] activation kept for the backward pass) against the lean encoding
-(`vastdet.models.category_queries.LeanEncoding`), and the lean encoding with the table's Adam
-moments in bfloat16 (`optim.table_moments: bf16`, `vastdet.engine.optim`), side by side.
+"""CQ-DINO's full-size training step at a vast vocabulary, side by side: the category queries
+encoded and scored with autograd (every [C, W] activation kept for the backward pass, a
+checkpoint per chunk of scores), against the lean pass (`LeanEncoding` and `ChunkedScores`:
+one [C, W] buffer each way), and the lean pass with the table's Adam moments in bfloat16
+(`optim.table_moments: bf16`, `vastdet.engine.optim`).
 
     python benchmarks/bench_table_step.py [--sizes 100000 1000000] [--image 320]
 
 The detector is `bench_vocab_scaling.py`'s (ResNet-18 for CPU time, d 256, 6 + 6 layers, 900
 queries, C' = 100, a 10-way synthetic tree, 768-wide category queries) and its step: forward,
 losses, backward and a plain AdamW step on one image, in a fresh process per case, peak
-resident memory counted from after the model is built. The two cases start from the same
+resident memory counted from after the model is built. The cases start from the same
 seed, so the same loss and the same update are expected (the first step's update does not
 depend on how the moments are stored, only later ones do; `tests/test_optim.py` measures
 that): the table prints the loss and the size of the table's update, and their differences
@@ -33,7 +34,7 @@ def child(case: str, n: int, image: int) -> dict:
 
     torch.manual_seed(0)
     model, criterion, _ = build("cq_dino", n)
-    model.category_queries.lean = case != "autograd"
+    model.category_queries.lean = model.selector.lean = case != "autograd"
     model.train()
     images = torch.randint(0, 255, (1, 3, image, image), dtype=torch.uint8)
     masks = torch.zeros(1, image, image, dtype=torch.bool)
