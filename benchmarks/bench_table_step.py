@@ -8,8 +8,9 @@ one [C, W] buffer each way), and the lean pass with the table's Adam moments in 
 
 The detector is `bench_vocab_scaling.py`'s (ResNet-18 for CPU time, d 256, 6 + 6 layers, 900
 queries, C' = 100, a 10-way synthetic tree, 768-wide category queries) and its step: forward,
-losses, backward and a plain AdamW step on one image, in a fresh process per case, peak
-resident memory counted from after the model is built. The cases start from the same
+losses, backward and an AdamW step on one image, in a fresh process per case, peak resident
+memory counted from after the model is built and Adam's moments exist (a step with zero
+gradients and learning rate 0 makes them), so the figure is any step's, not the first one's. The cases start from the same
 seed, so the same loss and the same update are expected (the first step's update does not
 depend on how the moments are stored, only later ones do; `tests/test_optim.py` measures
 that): the table prints the loss and the size of the table's update, and their differences
@@ -50,6 +51,15 @@ def child(case: str, n: int, image: int) -> dict:
     rest = [p for p in model.parameters() if p.requires_grad and p is not table]
     moments = "bf16" if case.endswith("bf16") else "fp32"
     optim = AdamW([{"params": rest}, {"params": [table], "moments": moments}], lr=1e-4)
+    # a step of training holds Adam's moments: make them (zero gradients, learning rate 0)
+    for group in optim.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    for group in optim.param_groups:
+        group["lr"] = 1e-4
     reset_peak()
     start = time.perf_counter()
     torch.manual_seed(1)  # the same denoising noise in every case
@@ -67,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100000, 1000000])
     parser.add_argument("--image", type=int, default=320)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--child", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -77,7 +88,7 @@ def main() -> None:
           f"{'loss':>10} {'d loss':>9} {'update':>10} {'d update':>9}")  # fmt: skip
     for n in args.sizes:
         base = None
-        for case in CASES:
+        for case in args.cases:
             cmd = [sys.executable, __file__, "--image", str(args.image), "--child", case, str(n)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
