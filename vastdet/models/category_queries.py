@@ -45,16 +45,10 @@ def tree_construction(
     first, `level_sizes` edges per level, all of a parent's edges in one level); alpha [C].
     Out of place, differentiable; leaves keep their rows."""
     out = queries
-    start = 0
-    for size in level_sizes:
-        p, c = parent[start : start + size], child[start : start + size]
-        start += size
-        rows, slot = torch.unique(p, return_inverse=True)
+    for rows, slot, c, a, counts in _tree_levels(parent, child, level_sizes, alpha):
         sums = out.new_zeros(len(rows), out.shape[1]).index_add(0, slot, out[c])
-        counts = torch.bincount(slot, minlength=len(rows)).to(out.dtype)[:, None]
-        a = alpha[rows].to(out.dtype)[:, None]
-        blended = (1 - a) * out[rows] + a * sums / counts
-        out = out.index_copy(0, rows, blended)
+        a = a.to(out.dtype)
+        out = out.index_copy(0, rows, (1 - a) * out[rows] + a * sums / counts.to(out.dtype))
     return out
 
 

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from vastdet.models.backbone import downsample_mask
 from vastdet.models.category_queries import CategoryQueries
@@ -188,7 +188,8 @@ class ChunkedScores(torch.autograd.Function):
         flat = tensors[: len(tensors) - num_params]
         ctx.selector, ctx.num_params = selector, num_params
         ctx.save_for_backward(categories, bias, *tensors)
-        ctx.rng = _rng_states(categories.device)  # dropout: the recomputation draws the same
+        # dropout: the recomputation draws the same masks (torch's checkpoint helpers)
+        ctx.rng = (torch.get_rng_state(), *get_device_states(categories))
         kv = list(zip(flat[0::2], flat[1::2]))
         parts = [selector._score(c, kv, bias) for c in categories.split(selector.chunk)]
         return torch.cat(parts, 1)
@@ -202,27 +203,15 @@ class ChunkedScores(torch.autograd.Function):
         g_flat = [torch.zeros_like(t) for t in flat]
         g_params = [torch.zeros_like(p) for p in params]
         start = 0
-        device = categories.device
-        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else []):
-            _set_rng_states(device, ctx.rng)
+        cpu_state, devices, device_states = ctx.rng
+        with torch.random.fork_rng(devices=devices, device_type=categories.device.type):
+            torch.set_rng_state(cpu_state)
+            set_device_states(devices, device_states, device_type=categories.device.type)
             for chunk in categories.split(selector.chunk):
                 start = _chunk_backward(
                     selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params
                 )
         return None, None, g_cats, None, *g_flat, *g_params
-
-
-def _rng_states(device: torch.device) -> tuple:
-    """The CPU generator's state and, on an accelerator, that device's."""
-    if device.type == "cpu":
-        return (torch.get_rng_state(), None)
-    return (torch.get_rng_state(), torch.get_device_module(device).get_rng_state(device))
-
-
-def _set_rng_states(device: torch.device, states: tuple) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.get_device_module(device).set_rng_state(states[1], device)
 
 
 def _chunk_backward(selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params):
