@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,16 @@ from taxonomy import Node, Taxonomy
 V3DET_DATA = Path(__file__).resolve().parent / "data" / "v3det"
 V3DET_NAMES = V3DET_DATA / "category_name_13204_v3det_2023_v1.txt.gz"
 V3DET_CAT_INFO = V3DET_DATA / "v3det_2023_v1_train_cat_info.json.gz"
+
+
+def pytest_report_header(config):
+    """The free disk where tests write: a test that runs out of it fails in ways that do not say
+    so (a truncated checkpoint, a worker that dies), so the header says how much there was."""
+    base = Path(config.option.basetemp or tempfile.gettempdir()).resolve()
+    while not base.exists():
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    return f"free disk under {base}: {free / 2**30:.1f} GiB (the suite needs about 2 at a time)"
 
 
 @pytest.fixture
