@@ -569,20 +569,28 @@ def test_a_signal_stops_training_with_one_line_naming_the_checkpoint_to_resume_f
 
     out = tmp_path / "stopped"
     cfg = config(dataset, out, steps=400, checkpoint_every=2)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vastdet.cli", "train", "--config", str(cfg)],
-        env={
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "DS_ACCELERATOR": "cpu",
-            "PYTHONFAULTHANDLER": "1",  # so that a hang can be shown (`stacks_of`)
-        },
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
+    # As a terminal starts its foreground job: SIGINT not ignored. A suite started in the
+    # background by a non-interactive shell (`make test &`) runs with SIGINT ignored, and a
+    # child inherits that, as POSIX asks; Python then installs no KeyboardInterrupt handler and
+    # Ctrl-C is ignored on purpose. A handler of the test's own is reset to the default on exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vastdet.cli", "train", "--config", str(cfg)],
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "DS_ACCELERATOR": "cpu",
+                "PYTHONFAULTHANDLER": "1",  # so that a hang can be shown (`stacks_of`)
+            },
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 300
     while not complete_tags(out / "checkpoints"):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
