@@ -1,8 +1,11 @@
 """CQ-DINO's full-size training step at a vast vocabulary, side by side: the category queries
-encoded and scored with autograd (every [C, W] activation kept for the backward pass, a
-checkpoint per chunk of scores), against the lean pass (`LeanEncoding` and `ChunkedScores`:
-one [C, W] buffer each way), and the lean pass with the table's Adam moments in bfloat16
-(`optim.table_moments: bf16`, `vastdet.engine.optim`).
+encoded and scored with autograd and the table updated by torch's AdamW (every [C, W]
+activation kept for the backward pass, a checkpoint per chunk of scores, a full-size
+temporary in the update), against the lean step (`LeanEncoding`, `ChunkedScores` and
+`select_rows` sharing a `LeanQueries` handle: the queries become the gradient before the norm
+and then the table's gradient, in place; the table updated a slice at a time, fp32 moments),
+and the lean step with the table's Adam moments in bfloat16 (`optim.table_moments: bf16`,
+`vastdet.engine.optim`).
 
     python benchmarks/bench_table_step.py [--sizes 100000 1000000] [--image 320]
 
@@ -49,8 +52,9 @@ def child(case: str, n: int, image: int) -> dict:
     from vastdet.engine.optim import AdamW
 
     rest = [p for p in model.parameters() if p.requires_grad and p is not table]
-    moments = "bf16" if case.endswith("bf16") else "fp32"
-    optim = AdamW([{"params": rest}, {"params": [table], "moments": moments}], lr=1e-4)
+    # autograd's case: torch's AdamW update; the lean ones: the sliced update training uses
+    moments = {"autograd": {}, "lean": {"moments": "fp32"}, "lean_bf16": {"moments": "bf16"}}
+    optim = AdamW([{"params": rest}, {"params": [table], **moments[case]}], lr=1e-4)
     # a step of training holds Adam's moments: make them (zero gradients, learning rate 0)
     for group in optim.param_groups:
         group["lr"] = 0.0

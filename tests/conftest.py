@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from taxonomy import Node, Taxonomy
 
@@ -68,3 +70,20 @@ def columns_equal(a: Taxonomy, b: Taxonomy, fields=None) -> None:
             if f == "parents":
                 vx, vy = sorted(vx), sorted(vy)
             assert vx == vy, f"{node_id}.{f}: {vx!r} != {vy!r}"
+
+
+class NewTensorsShaped(TorchDispatchMode):
+    """Within it, the ops that create a tensor of `shape` (views and in-place writes do not):
+    how a test sees a full-size temporary that a memory-lean path must not make."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.made = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape:
+                    self.made.append(str(func))
+        return out

@@ -8,9 +8,12 @@ import random
 
 import pytest
 import torch
+from conftest import NewTensorsShaped
+from test_cq_dino import batch, flat_taxonomy, tiny
 
 import vastdet.models.category_queries as cq
 from taxonomy import CategoryHierarchy, Node, Taxonomy
+from vastdet.models.build import build_model
 
 
 def random_dag(n: int = 60, seed: int = 0) -> Taxonomy:
@@ -132,3 +135,62 @@ def test_chunked_scores_give_the_checkpointed_logits_and_gradients_dropout_inclu
     for name in want_params:
         torch.testing.assert_close(got_params[name], want_params[name], msg=name)
     assert torch.equal(got_next, want_next)  # the random stream after the step is the same
+
+
+def tiny_cq_dino(lean: bool):
+    """The tiny CQ-DINO over a three-level tree of 45 categories, its selector scoring 7 queries
+    a chunk (so the lean step goes through `ChunkedScores`), with the lean passes on or off;
+    table and queries of one width and the selector's dropout on, as in the full presets."""
+    tax = flat_taxonomy()
+    cfg = tiny(correlation="tree", num_selected=6, selector_dropout=0.1)
+    cfg.text_dim = cfg.category_width
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(cfg, tax.category_ids(), tax)
+    model.selector.chunk = 7
+    model.category_queries.lean = model.selector.lean = lean
+    with torch.no_grad():  # a trained norm: gain and shift away from their start
+        model.category_queries.norm.weight.uniform_(0.5, 1.5)
+        model.category_queries.norm.bias.normal_(0, 0.3)
+    return model.train(), criterion
+
+
+def test_a_lean_cq_dino_step_is_the_autograd_step_and_makes_no_category_sized_tensor(
+    monkeypatch,
+):
+    """The whole tiny CQ-DINO step, lean (the encoding's handle: the scoring writes each row's
+    gradient before the norm over the queries, the selected rows add theirs, the table's
+    gradient is made in that same buffer) against autograd: the same losses and every
+    parameter's gradient. The lean backward pass creates no [C, W] tensor at all (autograd's
+    makes several), so the step's [C, W] tensors are the table, the queries that become its
+    gradient, and Adam's moments."""
+    monkeypatch.setattr(cq, "LEAN_CHUNK", 11)  # several row chunks, the last one short
+    calls = []
+    original = cq.LeanQueries.norm_backward
+
+    def counted(self, grad, out, rows):
+        calls.append(len(grad))
+        return original(self, grad, out, rows)
+
+    monkeypatch.setattr(cq.LeanQueries, "norm_backward", counted)
+    images, masks, targets = batch()
+    results = {}
+    for lean in (False, True):
+        model, criterion = tiny_cq_dino(lean)
+        torch.manual_seed(3)
+        losses = criterion(model(images, masks, targets), targets)
+        total = criterion.weighted_sum(losses)
+        table = model.category_queries.embedding.weight
+        with NewTensorsShaped(table.shape) as made:
+            total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[lean] = ({k: v.detach() for k, v in losses.items()}, grads, made.made)
+    (want_losses, want, want_made), (got_losses, got, got_made) = results[False], results[True]
+    for name in want_losses:
+        torch.testing.assert_close(got_losses[name], want_losses[name], equal_nan=True, msg=name)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert got["category_queries.embedding.weight"].abs().sum(1).gt(0).all()
+    # the handle was used: 45 rows in chunks of 7 by the scoring, and the selected rows
+    assert sorted(calls)[-7:] == [7] * 6 + [12] and sum(calls) == 45 + 2 * 6
+    assert got_made == [] and len(want_made) >= 3, (got_made, want_made)

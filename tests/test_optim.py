@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NewTensorsShaped
 
 from vastdet.engine.config import OptimConfig
 from vastdet.engine.optim import AdamW, round_to_bf16
@@ -43,17 +44,32 @@ def train(groups_for, steps: int = 300) -> tuple[torch.Tensor, float]:
     return table.detach(), loss_fn().item()
 
 
-def test_fp32_groups_are_torch_adamw_and_bf16_moments_stay_close():
+def test_fp32_groups_are_torch_adamw_and_bf16_moments_stay_close(monkeypatch):
+    import vastdet.engine.optim as optim_module
+
+    monkeypatch.setattr(optim_module, "SLICE", 1000)  # the 8,192-element table in 9 slices
     plain = lambda t, h: [{"params": [t]}, {"params": [h]}]  # noqa: E731
+    sliced = lambda t, h: [{"params": [t], "moments": "fp32"}, {"params": [h]}]  # noqa: E731
     low = lambda t, h: [{"params": [t], "moments": "bf16"}, {"params": [h]}]  # noqa: E731
     ours, ours_loss = train(plain)
     table, head, loss_fn = problem()
-    ref = torch.optim.AdamW([table, head], lr=1e-2, weight_decay=1e-4)
+    ref = torch.optim.AdamW([table, head], lr=1e-2, weight_decay=1e-4, foreach=False)
     for _ in range(300):
         ref.zero_grad()
         loss_fn().backward()
         ref.step()
     assert torch.equal(ours, table.detach())
+    # the sliced fp32 update is torch's, bit for bit, without a table-sized temporary
+    assert torch.equal(train(sliced)[0], table.detach())
+    for groups, full_size in ((plain, True), (sliced, False), (low, False)):
+        t, h, loss_fn = problem()
+        opt = AdamW(groups(t, h), lr=1e-2)
+        for _ in range(2):  # the first step makes the moments
+            opt.zero_grad()
+            loss_fn().backward()
+            with NewTensorsShaped(t.shape) as made:
+                opt.step()
+        assert bool(made.made) == full_size, made.made
     bf16, bf16_loss = train(low)
     start, _, _ = problem()
     moved = (ours - start.detach()).norm()

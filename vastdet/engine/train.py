@@ -40,8 +40,9 @@ TABLE = "category_queries.embedding.weight"  # CQ-DINO's [C, D_text] category ta
 
 def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     """AdamW groups by name pattern. Every parameter is decayed, as DINO and CQ-DINO's released
-    code do, unless `decay_1d` is off (then norms and biases are exempt). With `table_moments:
-    bf16` the category table has a group of its own whose moments are bfloat16."""
+    code do, unless `decay_1d` is off (then norms and biases are exempt). The category table
+    has a group of its own, updated a slice at a time (`vastdet.engine.optim`), its moments
+    fp32 or, with `table_moments: bf16`, bfloat16."""
     patterns = [(re.compile(g.pattern), g) for g in optim.param_groups]
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
@@ -52,8 +53,8 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
         wd_mult = rule.weight_decay_mult if rule else 1.0
         if param.ndim <= 1 and not optim.decay_1d:
             wd_mult = 0.0
-        low = optim.table_moments == "bf16" and name == TABLE
-        key = (lr_mult, wd_mult, low)
+        table = name == TABLE
+        key = (lr_mult, wd_mult, table)
         group = groups.setdefault(
             key,
             {
@@ -61,7 +62,7 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
                 "lr_mult": lr_mult,
                 "weight_decay": optim.weight_decay * wd_mult,
                 "lr": optim.lr * lr_mult,
-                **({"moments": "bf16"} if low else {}),
+                **({"moments": optim.table_moments} if table else {}),
             },
         )
         group["params"].append(param)
@@ -78,15 +79,15 @@ def lr_factor(step: int, optim: OptimConfig) -> float:
     return warm * optim.decay_gamma ** sum(step >= s for s in optim.decay_steps)
 
 
-def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, world: int, sliced_table: bool = False) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.data.batch_size * cfg.grad_accum * world,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": {"stage": cfg.zero_stage},
-        # torch's AdamW with bf16 moments for the table (`vastdet.engine.optim`)
-        "zero_allow_untested_optimizer": cfg.optim.table_moments == "bf16",
+        # torch's AdamW with a sliced update for the table (`vastdet.engine.optim`)
+        "zero_allow_untested_optimizer": sliced_table,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -211,7 +212,7 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
         count = load_weights_from(model, cfg.model.init_from)
         log.info("initialised %d tensors from %s", count, cfg.model.init_from)
     groups = parameter_groups(model, cfg.optim)
-    if cfg.optim.table_moments == "bf16":
+    if any("moments" in g for g in groups):  # the category table's sliced update
         from vastdet.engine.optim import AdamW
 
         optimizer = AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), seed=cfg.seed)
@@ -223,7 +224,9 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
         model.category_queries.lean = model.selector.lean = False
         log.info("ZeRO-3: the category queries are encoded and scored with autograd")
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world)
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, world, type(optimizer) is not torch.optim.AdamW),
     )
     # a run folder may have been handed to us: its checkpoint is read as data, never unpickled
     engine.checkpoint_engine = DataOnlyCheckpointEngine(engine.checkpoint_engine)

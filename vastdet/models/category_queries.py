@@ -90,22 +90,71 @@ def tree_transpose_(grad, parent, child, level_sizes, alpha, chunk: int = 65536)
             grad.index_add_(0, c[i : i + chunk], share[slot[i : i + chunk]])
 
 
+class LeanQueries:
+    """What a lean encoding shares with the consumers of its queries that know it
+    (`ChunkedScores`, `select_rows`): the norm's per-row 1/sigma and affine weights, so that a
+    consumer turns its rows' incoming gradient into the gradient before the norm itself, and
+    where the gradient of every row goes. LayerNorm's gradient is linear in the incoming one,
+    so the consumers' parts add up before the norm as they would after it.
+
+    x-hat, which the norm's backward needs, is read back from the queries, (y - beta) / gamma:
+    a consumer that holds the queries (the scoring saves them anyway) overwrites them, row chunk
+    by row chunk, with their gradient before the norm (`buffer`), so the step holds no [C, W]
+    gradient beside them. The queries of a lean forward are therefore used up by its backward
+    pass. With a gain near zero the read-back loses precision and the encoding makes no
+    handle; its consumers then pass ordinary gradients."""
+
+    MIN_GAIN = 1e-3
+
+    def __init__(self, rstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):
+        self.rstd, self.gamma, self.beta = rstd, gamma, beta
+        self.g_gamma, self.g_beta = torch.zeros_like(gamma), torch.zeros_like(beta)
+        self.buffer: torch.Tensor | None = None  # [C, W]: every row's gradient before the norm
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows [n], their part)
+
+    @staticmethod
+    def usable(gamma: torch.Tensor) -> bool:
+        return bool(gamma.detach().abs().min() >= LeanQueries.MIN_GAIN)
+
+    def norm_backward(self, grad: torch.Tensor, out: torch.Tensor, rows) -> torch.Tensor:
+        """The gradient before the norm [n, W] of rows `rows` (a slice or an index [n]) whose
+        queries are `out` [n, W] and incoming gradient `grad` [n, W]; the gain's and shift's
+        gradients are summed in."""
+        dtype, grad = grad.dtype, grad.float()
+        xhat = (out.float() - self.beta) / self.gamma
+        self.g_gamma += (grad * xhat).sum(0)
+        self.g_beta += grad.sum(0)
+        g = grad * self.gamma
+        mean_g = g.mean(-1, keepdim=True)
+        mean_gx = (g * xhat).mean(-1, keepdim=True)
+        return (self.rstd[rows][:, None] * (g - mean_g - xhat * mean_gx)).to(dtype)
+
+
 class LeanEncoding(torch.autograd.Function):
     """relu(table proj^T + b) -> tree construction -> LayerNorm, the queries' encoding, for
     training at vast C: computed `chunk` rows at a time into one [C, W] tensor, keeping nothing
-    of it for the backward pass, which recomputes it the same way, runs the tree's transpose in
-    place and, when the table is as wide as the queries (768 and 768 in the full presets),
-    writes the table's gradient into the same buffer. Exact: the same operations as the
-    autograd path, so a step holds the table's gradient and one [C, W] buffer beside the
-    incoming gradient, instead of relu's and the norm's saved [C, W] activations as well."""
+    of it for the backward pass. Exact: the same operations as the autograd path.
+
+    The backward pass starts from the gradient before the norm: written over the queries by
+    the consumers that know the `LeanQueries` handle, plus their selected rows' parts; a
+    consumer that does not passes a dense gradient, for which the norm's input is recomputed.
+    It then runs the tree's transpose in place and, when the table is as wide as the queries
+    (768 and 768 in the full presets), writes the table's gradient into the same buffer. So a
+    CQ-DINO step's [C, W] tensors are the table, its gradient (which the queries become) and
+    Adam's moments."""
 
     @staticmethod
-    def forward(ctx, table, weight, bias, gamma, beta, parent, child, alpha, sizes, eps, chunk):
+    def forward(ctx, table, weight, bias, gamma, beta, parent, child, alpha, sizes, eps, chunk,
+                lean):  # fmt: skip
         ctx.save_for_backward(table, weight, bias, gamma, beta, parent, child, alpha)
-        ctx.sizes, ctx.eps, ctx.chunk = sizes, eps, chunk
+        ctx.sizes, ctx.eps, ctx.chunk, ctx.lean = sizes, eps, chunk, lean
+        ctx.set_materialize_grads(False)  # consumers that know `lean` pass no gradient
         out = LeanEncoding._pre_norm(table, weight, bias, parent, child, alpha, sizes, chunk)
         for i in range(0, len(out), chunk):
-            out[i : i + chunk] = F.layer_norm(out[i : i + chunk], gamma.shape, gamma, beta, eps)
+            y, _, rstd = torch.native_layer_norm(out[i : i + chunk], gamma.shape, gamma, beta, eps)
+            out[i : i + chunk] = y
+            if lean is not None:
+                lean.rstd[i : i + chunk] = rstd.view(-1).float()
         return out
 
     @staticmethod
@@ -120,18 +169,36 @@ class LeanEncoding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         table, weight, bias, gamma, beta, parent, child, alpha = ctx.saved_tensors
-        chunk = ctx.chunk
-        buf = LeanEncoding._pre_norm(table, weight, bias, parent, child, alpha, ctx.sizes, chunk)
+        chunk, lean = ctx.chunk, ctx.lean
         g_gamma, g_beta = torch.zeros_like(gamma), torch.zeros_like(beta)
-        for i in range(0, len(buf), chunk):  # the norm's backward, row chunk by row chunk
-            with torch.enable_grad():
-                x = buf[i : i + chunk].detach().requires_grad_()
-                w, b = gamma.detach().requires_grad_(), beta.detach().requires_grad_()
-                y = F.layer_norm(x, gamma.shape, w, b, ctx.eps)
-                gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad[i : i + chunk])
-            buf[i : i + chunk] = gx
-            g_gamma += gw
-            g_beta += gb
+        kept = lean.buffer if lean is not None else None
+        if grad is not None:  # a dense gradient after the norm: recompute the norm's input
+            buf = LeanEncoding._pre_norm(table, weight, bias, parent, child, alpha, ctx.sizes,
+                                         chunk)  # fmt: skip
+            for i in range(0, len(buf), chunk):  # the norm's backward, row chunk by row chunk
+                with torch.enable_grad():
+                    x = buf[i : i + chunk].detach().requires_grad_()
+                    w, b = gamma.detach().requires_grad_(), beta.detach().requires_grad_()
+                    y = F.layer_norm(x, gamma.shape, w, b, ctx.eps)
+                    gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad[i : i + chunk])
+                buf[i : i + chunk] = gx
+                g_gamma += gw
+                g_beta += gb
+            if kept is not None:
+                buf += kept
+        elif kept is not None:
+            buf = kept
+        elif lean is not None and lean.pending:
+            buf = table.new_zeros(len(table), weight.shape[0])
+        else:
+            return (None,) * 12
+        if lean is not None:
+            for rows, part in lean.pending:
+                buf.index_add_(0, rows, part.to(buf.dtype))
+            g_gamma += lean.g_gamma.to(g_gamma.dtype)
+            g_beta += lean.g_beta.to(g_beta.dtype)
+            lean.buffer, lean.pending = None, []
+        del kept
         if parent.numel():
             tree_transpose_(buf, parent, child, ctx.sizes, alpha)
         g_weight, g_bias = torch.zeros_like(weight), torch.zeros_like(bias)
@@ -143,7 +210,38 @@ class LeanEncoding(torch.autograd.Function):
             g_weight += g.T @ rows
             g_bias += g.sum(0)
             g_table[i : i + chunk] = g @ weight
-        return g_table, g_weight, g_bias, g_gamma, g_beta, *([None] * 6)
+        return g_table, g_weight, g_bias, g_gamma, g_beta, *([None] * 7)
+
+
+class LeanRows(torch.autograd.Function):
+    """queries[rows] whose backward passes the rows' gradient before the norm to the encoding
+    through its `LeanQueries` handle, not as a dense [C, W] tensor of zeros around a few rows."""
+
+    @staticmethod
+    def forward(ctx, queries, rows, lean):
+        out = queries[rows]
+        ctx.save_for_backward(rows, out)
+        ctx.lean = lean
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None:
+            rows, out = ctx.saved_tensors
+            width = out.shape[-1]
+            flat = rows.reshape(-1)
+            part = ctx.lean.norm_backward(grad.reshape(-1, width), out.reshape(-1, width), flat)
+            ctx.lean.pending.append((flat, part))
+        return None, None, None
+
+
+def select_rows(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """queries[rows]; for the queries of a lean encoding, through its handle (`LeanRows`)."""
+    lean = getattr(queries, "lean_queries", None)
+    if lean is None or not torch.is_grad_enabled():
+        return queries[rows]
+    return LeanRows.apply(queries, rows, lean)
 
 
 def ancestor_mask(
@@ -274,7 +372,12 @@ class CategoryQueries(nn.Module):
         if getattr(self, "encoded", None) is not None:
             return self.encoded
         if self.lean and self.correlation != "self_attention" and torch.is_grad_enabled():
-            return LeanEncoding.apply(
+            gamma = self.norm.weight
+            lean = None
+            if LeanQueries.usable(gamma):
+                rstd = torch.empty(len(self.embedding.weight), device=gamma.device)
+                lean = LeanQueries(rstd, gamma.detach().float(), self.norm.bias.detach().float())
+            out = LeanEncoding.apply(
                 self.embedding(),
                 self.proj.weight,
                 self.proj.bias,
@@ -286,7 +389,11 @@ class CategoryQueries(nn.Module):
                 self.tree_level_sizes.tolist(),
                 self.norm.eps,
                 LEAN_CHUNK,
+                lean,
             )
+            if lean is not None:
+                out.lean_queries = lean  # read by `select_rows` and `ChunkedScores`
+            return out
         q = torch.relu(self.proj(self.embedding()))
         if self.correlation == "self_attention":
             x = q[None]

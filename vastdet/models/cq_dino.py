@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from vastdet.models.backbone import downsample_mask
-from vastdet.models.category_queries import CategoryQueries
+from vastdet.models.category_queries import CategoryQueries, select_rows
 from vastdet.models.denoising import build_denoising
 from vastdet.models.dino import (
     PRIOR_BIAS,
@@ -187,6 +187,8 @@ class ChunkedScores(torch.autograd.Function):
     def forward(ctx, selector, num_params, categories, bias, *tensors):
         flat = tensors[: len(tensors) - num_params]
         ctx.selector, ctx.num_params = selector, num_params
+        # queries of a lean encoding: their gradient before the norm is written over them
+        ctx.lean = getattr(categories, "lean_queries", None)
         ctx.save_for_backward(categories, bias, *tensors)
         # dropout: the recomputation draws the same masks (torch's checkpoint helpers)
         ctx.rng = (torch.get_rng_state(), *get_device_states(categories))
@@ -199,7 +201,8 @@ class ChunkedScores(torch.autograd.Function):
         categories, bias, *tensors = ctx.saved_tensors
         selector, num_params = ctx.selector, ctx.num_params
         flat, params = tensors[: len(tensors) - num_params], tensors[len(tensors) - num_params :]
-        g_cats = torch.empty_like(categories)
+        lean = ctx.lean
+        g_cats = categories if lean is not None else torch.empty_like(categories)
         g_flat = [torch.zeros_like(t) for t in flat]
         g_params = [torch.zeros_like(p) for p in params]
         start = 0
@@ -209,14 +212,20 @@ class ChunkedScores(torch.autograd.Function):
             set_device_states(devices, device_states, device_type=categories.device.type)
             for chunk in categories.split(selector.chunk):
                 start = _chunk_backward(
-                    selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params
-                )
+                    selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params,
+                    lean,
+                )  # fmt: skip
+        if lean is not None:
+            lean.buffer, g_cats = categories, None
         return None, None, g_cats, None, *g_flat, *g_params
 
 
-def _chunk_backward(selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params):
+def _chunk_backward(
+    selector, chunk, start, flat, params, bias, grad, g_cats, g_flat, g_params, lean=None
+):
     """One chunk of `ChunkedScores.backward`: recompute it, write its queries' gradient into
-    `g_cats` and add the tokens' and parameters' in; returns the next chunk's first row."""
+    `g_cats` (with a `LeanQueries` handle: the gradient before the norm, over the chunk's
+    queries) and add the tokens' and parameters' in; returns the next chunk's first row."""
     with torch.enable_grad():
         c = chunk.detach().requires_grad_()
         leaves = [t.detach().requires_grad_() for t in flat]
@@ -224,7 +233,10 @@ def _chunk_backward(selector, chunk, start, flat, params, bias, grad, g_cats, g_
         found = torch.autograd.grad(
             out, [c, *leaves, *params], grad[:, start : start + len(chunk)], allow_unused=True
         )
-    g_cats[start : start + len(chunk)] = found[0]
+    end = start + len(chunk)
+    g_cats[start:end] = (
+        found[0] if lean is None else lean.norm_backward(found[0], chunk, slice(start, end))
+    )
     for total, part in zip(g_flat + g_params, found[1:]):
         if part is not None:
             total += part
@@ -405,7 +417,9 @@ class CQDINO(SelectionMixin, DeformableDetector):
     def forward(self, images, masks, targets=None) -> dict:
         backbone_feats = self.backbone_features(images)
         cats, image_tokens, sel_logits, rows, extra = self.select(backbone_feats, masks, targets)
-        hidden = self.selector.encode(cats[rows], *image_tokens)  # [B, C', W], image-conditioned
+        hidden = self.selector.encode(
+            select_rows(cats, rows), *image_tokens
+        )  # [B, C', W], image-conditioned
         selected = self.category_proj(hidden)  # [B, C', D]
         feats, level_masks, positions = self.features(images, masks, backbone_feats)
         dn = None
