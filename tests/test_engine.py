@@ -272,6 +272,38 @@ def check_eval_and_predict(dataset: Path, tmp_path: Path, run_dir: Path, exporte
     )
 
 
+def test_a_run_folder_is_not_resumed_under_other_run_settings(dataset, tmp_path):
+    """A config whose model or optimiser differs from the one a run folder's checkpoints were
+    made with is refused on every rank (exit 2, no rank left waiting), naming what changed;
+    the folder's config and checkpoints stay as they were. Resuming would have gone on with
+    the old run and written the new config over its record."""
+    from vastdet.runtime.checkpoints import complete_tags
+
+    out = tmp_path / "run"
+    run(config(dataset, out, steps=2, checkpoint_every=2))
+    record = (out / "config.json").read_text()
+    changed = config(dataset, out, steps=4, optim={"lr": 2e-3, "clip_grad": 1.0})
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "vastdet.cli", "train", "--config", str(changed)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errors[0][-2000:]
+    assert "optim.lr: 0.001 -> 0.002" in errors[0] and "Traceback" not in errors[0]
+    assert "holds a run started with other settings" in errors[1]
+    assert (out / "config.json").read_text() == record
+    assert complete_tags(out / "checkpoints") == ["step_00000002"]
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_train_under_zero(dataset, tmp_path, stage):
     out = tmp_path / f"zero{stage}"

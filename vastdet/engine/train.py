@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vastdet.config import ConfigError
 from vastdet.engine.config import OptimConfig, TrainConfig, load_train_config
 from vastdet.engine.threads import keep_freed_memory, set_threads
 from vastdet.runtime import checkpoints
@@ -67,6 +68,63 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
         )
         group["params"].append(param)
     return list(groups.values())
+
+
+# The settings that make a run what it is: a run folder whose checkpoints were made under other
+# values of these is not resumed. The rest (steps, checkpointing, logging, evaluation, threads,
+# loader workers, where the shards are) may change between a run's starts.
+RUN_SETTINGS = (
+    "model", "optim", "seed", "precision", "grad_accum", "zero_stage", "steps_per_epoch",
+    "data.batch_size", "data.categories", "data.transforms", "data.repeat_threshold",
+)  # fmt: skip
+
+
+def changed_settings(out_dir: Path, cfg: TrainConfig) -> list[str]:
+    """'key: before -> now' for each run setting (`RUN_SETTINGS`) that differs between `cfg` and
+    the config the run in `out_dir` was started with (its config.json); a key the older file
+    does not have is not compared."""
+    try:
+        saved = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    now = json.loads(json.dumps(cfg.to_dict(), default=str))
+    changes: list[str] = []
+
+    def compare(key: str, before, after) -> None:
+        if isinstance(before, dict) and isinstance(after, dict):
+            for k in sorted(set(before) & set(after)):
+                compare(f"{key}.{k}", before[k], after[k])
+        elif before != after:
+            changes.append(f"{key}: {before!r} -> {after!r}")
+
+    for name in RUN_SETTINGS:
+        before, after = saved, now
+        for part in name.split("."):
+            before = before.get(part, KeyError) if isinstance(before, dict) else KeyError
+            after = after.get(part, KeyError) if isinstance(after, dict) else KeyError
+        if before is not KeyError and after is not KeyError:
+            compare(name, before, after)
+    return changes
+
+
+def refuse_changed_run(out_dir: Path, cfg: TrainConfig, device) -> None:
+    """A ConfigError on every rank (no rank left waiting in a collective) when the checkpoints
+    in `out_dir` belong to a run started with other run settings: resuming would continue that
+    run under this config's name instead of starting this one."""
+    changes = changed_settings(out_dir, cfg)
+    refused = torch.tensor([float(bool(changes))], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(refused, op=torch.distributed.ReduceOp.MAX)
+    if refused.item() > 0:
+        shown = "; ".join(changes[:8]) + (
+            f"; and {len(changes) - 8} more" if len(changes) > 8 else ""
+        )
+        raise ConfigError(
+            f"{out_dir / 'checkpoints'} holds a run started with other settings"
+            f"{' (' + shown + ')' if shown else ' (seen by another rank)'}: resuming would go on "
+            "with that run. Give this config another output_dir, or delete that folder's "
+            "checkpoints to start over (to start from its weights, name it in model.init_from)"
+        )
 
 
 def lr_factor(step: int, optim: OptimConfig) -> float:
@@ -200,6 +258,10 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     taxonomy = _categories(cfg, shards)
     resuming = bool(checkpoints.complete_tags(ckpt_dir))
+    if resuming:
+        from deepspeed.accelerator import get_accelerator
+
+        refuse_changed_run(out_dir, cfg, get_accelerator().current_device_name())
     model, criterion, post = build_model(
         cfg.model,
         taxonomy.category_ids().tolist(),
