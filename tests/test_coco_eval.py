@@ -290,13 +290,18 @@ def test_unsorted_max_dets_are_sorted_and_recall_is_named_by_its_max_det():
     assert v3det.stats["AR300"] >= ours.stats["AR100"]
 
 
-def test_results_files_stream_to_arrays_and_evaluate_as_the_dicts_do(tmp_path):
+@pytest.mark.parametrize("block", [1 << 24, 500])
+def test_results_files_stream_to_arrays_and_evaluate_as_the_dicts_do(tmp_path, monkeypatch, block):
     """A results file written from arrays reads back to the same arrays whatever its layout
-    (one line, keys in any order, extra keys), and arrays score as the dicts do."""
+    (one line, keys in any order, extra keys) and wherever its blocks end, and arrays score as
+    the dicts do."""
     import json
 
+    import vastdet.evaluation.results_file as results_file
     from vastdet.evaluation.coco import BoxArrays
     from vastdet.evaluation.results_file import read_results, write_results
+
+    monkeypatch.setattr(results_file, "BLOCK", block)
 
     gt, results = generate(5, images=30, cats=9)
     arrays = BoxArrays.from_results(results)
@@ -308,6 +313,10 @@ def test_results_files_stream_to_arrays_and_evaluate_as_the_dicts_do(tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{"score": r["score"], "segmentation": [], **r} for r in results]))
     assert np.array_equal(read_results(other).boxes, arrays.boxes)
+    nested = tmp_path / "nested.json"  # RLE masks: objects in objects, blocks end between results
+    rle = {"size": [4, 4], "counts": "a1"}
+    nested.write_text(json.dumps([{**r, "segmentation": rle} for r in results]))
+    assert np.array_equal(read_results(nested).boxes, arrays.boxes)
     assert evaluate_boxes(gt, back).stats == evaluate_boxes(gt, results).stats
     (tmp_path / "bad.json").write_text('[{"image_id": 1, "bbox": [1, 2, 3, 4]}]')
     with pytest.raises(ValueError, match="not a COCO result"):

@@ -4,13 +4,14 @@ arrays without holding a dict per detection.
 V3Det's val set under its protocol is 9 million detections (30,000 images x 300): as Python
 dicts that is ~10 GB before evaluation starts. The writer emits a plain JSON array, one object
 per line, from the arrays evaluation holds; the reader takes any COCO results file (one line or
-many, keys in any order, extra keys ignored) in blocks, parses each flat object and keeps only
-four arrays.
+many, keys in any order, extra keys ignored) in blocks, parses each block's objects in one
+call of the json module's C parser and keeps only four arrays.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from vastdet.evaluation.coco import BoxArrays
 
 BLOCK = 1 << 24  # characters parsed at a time
-OBJECT = re.compile(r"\{[^{}]*\}")  # a result dict: flat, its only list the bbox
+OBJECT = re.compile(r"\{[^{}]*\}")  # a flat result dict, for naming the one at fault
 
 
 def write_results(path: str | os.PathLike, detections: BoxArrays, rows: int = 100_000) -> Path:
@@ -52,15 +53,67 @@ def read_results(path: str | os.PathLike) -> BoxArrays:
     with open(path, encoding="utf-8") as handle:
         while block := handle.read(BLOCK):
             text = carry + block
-            end = text.rfind("}") + 1  # objects up to the last complete one
-            parts.append(_parse(text[:end], path))
+            end = _last_boundary(text)  # objects up to the last one known complete
+            if end:
+                parts.append(_parse(text[:end], path))
             carry = text[end:]
+    end = carry.rfind("}") + 1  # the last object
+    if end:
+        parts.append(_parse(carry[:end], path))
+        carry = carry[end:]
     if carry.strip(" \n\r\t,]") not in ("", "["):
         raise ValueError(f"{path}: not a COCO results file (unparsed text at the end)")
     return BoxArrays.concat(parts) if parts else BoxArrays.empty()
 
 
+def _last_boundary(text: str) -> int:
+    """The end of the last object of the array in `text` that another follows ("}, {"; an
+    object inside a result, such as an RLE mask, follows a key instead), 0 if none."""
+
+    def before(j: int) -> int:  # the last character before j that is not white space
+        j -= 1
+        while j >= 0 and text[j] in " \n\r\t":
+            j -= 1
+        return j
+
+    i = len(text)
+    while (i := text.rfind("{", 0, i)) > 0:
+        j = before(i)
+        if j > 0 and text[j] == ",":
+            k = before(j)
+            if k >= 0 and text[k] == "}":
+                return k + 1
+    return 0
+
+
+FIELDS = operator.itemgetter("image_id", "category_id", "bbox", "score")
+
+
 def _parse(text: str, path) -> BoxArrays:
+    """The objects in `text` (whole ones, separated by commas): parsed as one JSON array, which
+    runs in the json module's C code; a block that does not parse that way (an object with
+    nested ones, a missing key) goes object by object, which names the one at fault."""
+    start = text.find("{")
+    if start < 0:
+        return BoxArrays.empty()
+    try:
+        rows = list(map(FIELDS, json.loads("[" + text[start:] + "]")))
+        image_ids, category_ids, boxes, scores = zip(*rows) if rows else ((),) * 4
+        return _arrays(image_ids, category_ids, boxes, scores)
+    except (ValueError, KeyError, TypeError):
+        return _parse_each(text, path)
+
+
+def _arrays(image_ids, category_ids, boxes, scores) -> BoxArrays:
+    return BoxArrays(
+        np.array(image_ids, dtype=np.int64),
+        np.array(category_ids, dtype=np.int64),
+        np.array(boxes, dtype=np.float64).reshape(-1, 4),
+        np.array(scores, dtype=np.float64),
+    )
+
+
+def _parse_each(text: str, path) -> BoxArrays:
     image_ids, category_ids, boxes, scores = [], [], [], []
     for match in OBJECT.finditer(text):
         try:
@@ -73,9 +126,4 @@ def _parse(text: str, path) -> BoxArrays:
             raise ValueError(
                 f"{path}: not a COCO result: {match.group()[:120]} ({err!r})"
             ) from None
-    return BoxArrays(
-        np.array(image_ids, dtype=np.int64),
-        np.array(category_ids, dtype=np.int64),
-        np.array(boxes, dtype=np.float64).reshape(-1, 4),
-        np.array(scores, dtype=np.float64),
-    )
+    return _arrays(image_ids, category_ids, boxes, scores)
