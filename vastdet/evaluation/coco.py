@@ -101,8 +101,9 @@ def _match(ious, gt_ignore, crowd, gt_ids, dt_area, area_range):
         iou_rows = ious.tolist()
         for t_i, t in enumerate(IOU_THRESHOLDS.tolist()):
             used = [False] * g_count
+            start = min(t, 1 - 1e-10)
             for d_i in range(d_count):
-                best, m = min(t, 1 - 1e-10), -1
+                best, m = start, -1
                 row = iou_rows[d_i]
                 for g_i in range(g_count):
                     if used[g_i] and not crowd[g_i]:
@@ -425,41 +426,64 @@ def _accumulate(
         len(AREA_RANGES),
         len(max_dets),
     )
-    precision = -np.ones((t_n, r_n, len(present), a_n, m_n))
-    recall = -np.ones((t_n, len(present), a_n, m_n))
+    # filled a category at a time, so laid out category first (written [T, R, K, A, M] one
+    # category's 1,010 values were 1,010 cache lines apart); returned as views in COCOeval's order
+    precision = -np.ones((len(present), a_n, m_n, t_n, r_n))
+    recall = -np.ones((len(present), a_n, m_n, t_n))
     starts = np.searchsorted(d_cat, present, "left")
     stops = np.searchsorted(d_cat, present, "right")
     shifts = np.arange(t_n, dtype=np.uint16)[:, None]
+    rows = np.arange(t_n)[:, None]
     for k, cat in enumerate(present.tolist()):
+        if not npig[cat].any():
+            continue
         segment = slice(starts[k], stops[k])
-        for a in range(a_n):
-            if npig[cat, a] == 0:
-                continue
-            for m, max_det in enumerate(max_dets):
-                within = rank[segment] < max_det  # the image order is kept: COCOeval's
-                order = np.argsort(-d_score[segment][within], kind="mergesort")
-                tp = ((tp_bits[a, segment][within][order] >> shifts) & 1).astype(bool)
-                ig = ((ig_bits[a, segment][within][order] >> shifts) & 1).astype(bool)
-                nd = tp.shape[1]
-                if nd == 0:
-                    recall[:, k, a, m] = 0
-                    precision[:, :, k, a, m] = 0
+        # score order once per category: a stable sort's order restricted to the detections
+        # within a maxDet is the stable sort of those (COCOeval sorts each subset by score)
+        order = np.argsort(-d_score[segment], kind="mergesort")
+        ranks = rank[segment][order]
+        tp_all, ig_all = tp_bits[:, segment][:, order], ig_bits[:, segment][:, order]
+        for m, max_det in enumerate(max_dets):
+            within = ranks < max_det
+            tp_m, ig_m = tp_all[:, within], ig_all[:, within]
+            nd = tp_m.shape[1]
+            for a in range(a_n):
+                if npig[cat, a] == 0:
                     continue
+                if nd == 0:
+                    recall[k, a, m] = 0
+                    precision[k, a, m] = 0
+                    continue
+                tp = ((tp_m[a] >> shifts) & 1).astype(bool)
+                ig = ((ig_m[a] >> shifts) & 1).astype(bool)
                 tps = np.cumsum(tp, axis=1).astype(float)
                 fps = np.cumsum(~tp & ~ig, axis=1).astype(float)
                 rc = tps / npig[cat, a]
                 pr = tps / (fps + tps + np.spacing(1))
-                recall[:, k, a, m] = rc[:, -1]
+                recall[k, a, m] = rc[:, -1]
                 pr = np.flip(np.maximum.accumulate(np.flip(pr, 1), axis=1), 1)  # envelope
-                for t in range(t_n):
-                    idx = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
-                    valid = idx < nd
-                    q = np.zeros(r_n)
-                    q[valid] = pr[t, idx[valid]]
-                    precision[t, :, k, a, m] = q
+                idx = _recall_points(tps, npig[cat, a])
+                valid = idx < nd
+                precision[k, a, m] = np.where(valid, pr[rows, np.minimum(idx, nd - 1)], 0)
+    precision, recall = precision.transpose(3, 4, 0, 1, 2), recall.transpose(3, 0, 1, 2)
     return BoxEvaluation(
         precision, recall, _summarize(precision, recall, max_dets), category_ids, tuple(max_dets)
     )
+
+
+def _recall_points(tps: np.ndarray, positives: int) -> np.ndarray:
+    """[T, R]: for each IoU threshold's row of true-positive counts `tps` [T, D] (integers,
+    non-decreasing), the first detection whose recall tps / positives reaches each of COCO's
+    recall thresholds (D if none): what `np.searchsorted(tps[t] / positives, RECALL_THRESHOLDS)`
+    gives row by row, in two searches. A threshold is reached at the smallest count v whose
+    v / positives (the same float division) reaches it; counts are integers at most
+    `positives`, so the rows are searched as one, row t shifted by t * (positives + 1)."""
+    t_n, d_n = tps.shape
+    ratios = np.arange(positives + 1, dtype=np.float64) / positives
+    needed = np.searchsorted(ratios, RECALL_THRESHOLDS, side="left")  # [R]
+    shift = np.arange(t_n)[:, None] * (positives + 1)
+    found = np.searchsorted((tps + shift).ravel(), (needed[None, :] + shift).ravel(), "left")
+    return found.reshape(t_n, -1) - np.arange(t_n)[:, None] * d_n
 
 
 def _summarize(precision, recall, max_dets) -> dict[str, float]:
