@@ -65,6 +65,7 @@ def child(case: str, n: int, image: int) -> dict:
     for group in optim.param_groups:
         group["lr"] = 1e-4
     reset_peak()
+    held = rss_gb()  # the model, the table and Adam's moments, before the step
     start = time.perf_counter()
     torch.manual_seed(1)  # the same denoising noise in every case
     losses = criterion(model(images, masks, targets), targets)
@@ -74,7 +75,16 @@ def child(case: str, n: int, image: int) -> dict:
     optim.step()
     seconds = time.perf_counter() - start
     update = (table.detach()[:: max(1, n // 4096)] - before).norm().item()
-    return {"peak_gb": peak_gb(), "step_s": seconds, "loss": loss.item(), "update": update}
+    return {
+        "peak_gb": peak_gb(), "held_gb": held, "step_s": seconds, "loss": loss.item(),
+        "update": update,
+    }  # fmt: skip
+
+
+def rss_gb() -> float:
+    """This process's resident memory now, GiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
 
 
 def main() -> None:
@@ -88,7 +98,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.image)))
         return
     print(f"image {args.image}x{args.image}, batch 1, ResNet-18, d 256, 6+6 layers, 900 queries")
-    print(f"{'C':>9} {'case':<9} {'peak GB':>8} {'x autograd':>10} {'step s':>7} "
+    print(f"{'C':>9} {'case':<9} {'peak GiB':>8} {'held GiB':>8} {'x autograd':>10} {'step s':>7} "
           f"{'loss':>10} {'d loss':>9} {'update':>10} {'d update':>9}")  # fmt: skip
     for n in args.sizes:
         base = None
@@ -101,7 +111,8 @@ def main() -> None:
             r = json.loads(proc.stdout.splitlines()[-1])
             base = base or r
             print(
-                f"{n:>9,} {case:<9} {r['peak_gb']:>8.2f} {r['peak_gb'] / base['peak_gb']:>10.2f} "
+                f"{n:>9,} {case:<9} {r['peak_gb']:>8.2f} {r['held_gb']:>8.2f} "
+                f"{r['peak_gb'] / base['peak_gb']:>10.2f} "
                 f"{r['step_s']:>7.1f} {r['loss']:>10.5f} {r['loss'] - base['loss']:>9.1e} "
                 f"{r['update']:>10.4e} {r['update'] - base['update']:>9.1e}",
                 flush=True,

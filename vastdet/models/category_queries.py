@@ -65,14 +65,19 @@ def _tree_levels(parent, child, level_sizes, alpha):
 
 
 def tree_construction_(out, parent, child, level_sizes, alpha, chunk: int = 65536) -> None:
-    """`tree_construction` in place on `out` [C, D], children gathered `chunk` edges at a time:
-    a level holds [parents, D] more, never [edges, D]."""
+    """`tree_construction` in place on `out` [C, D], children gathered and parents updated
+    `chunk` edges or rows at a time: a level holds one [parents, D] tensor (its children's sums,
+    all taken before any parent changes, as out of place) beside chunk-sized temporaries."""
     for rows, slot, c, a, counts in _tree_levels(parent, child, level_sizes, alpha):
         sums = out.new_zeros(len(rows), out.shape[1])
         for i in range(0, len(c), chunk):
             sums.index_add_(0, slot[i : i + chunk], out[c[i : i + chunk]])
-        a = a.to(out.dtype)
-        out.index_copy_(0, rows, (1 - a) * out[rows] + a * sums / counts.to(out.dtype))
+        a, counts = a.to(out.dtype), counts.to(out.dtype)
+        for i in range(0, len(rows), chunk):
+            r, a_r = rows[i : i + chunk], a[i : i + chunk]
+            out.index_copy_(
+                0, r, (1 - a_r) * out[r] + a_r * sums[i : i + chunk] / counts[i : i + chunk]
+            )
 
 
 def tree_transpose_(grad, parent, child, level_sizes, alpha, chunk: int = 65536) -> None:
@@ -83,9 +88,11 @@ def tree_transpose_(grad, parent, child, level_sizes, alpha, chunk: int = 65536)
     levels = list(_tree_levels(parent, child, level_sizes, alpha))
     for rows, slot, c, a, counts in reversed(levels):
         a = a.to(grad.dtype)
-        g = grad[rows]
-        grad.index_copy_(0, rows, (1 - a) * g)
-        share = a / counts.to(grad.dtype) * g
+        share = grad[rows]  # the parents' gradient, made their children's share in place
+        for i in range(0, len(rows), chunk):
+            g, a_r = share[i : i + chunk], a[i : i + chunk]
+            grad.index_copy_(0, rows[i : i + chunk], (1 - a_r) * g)
+            g.mul_(a_r / counts[i : i + chunk].to(grad.dtype))
         for i in range(0, len(c), chunk):
             grad.index_add_(0, c[i : i + chunk], share[slot[i : i + chunk]])
 
