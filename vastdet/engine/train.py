@@ -72,11 +72,14 @@ def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
 
 # The settings that make a run what it is: a run folder whose checkpoints were made under other
 # values of these is not resumed. The rest (steps, checkpointing, logging, evaluation, threads,
-# loader workers, where the shards are) may change between a run's starts.
+# loader workers) may change between a run's starts, and so may where files are: the starting
+# weights and embeddings are read only by a fresh start (a resumed run has its checkpoint), and
+# a cluster worker names local copies of them (`cluster/workers.py`).
 RUN_SETTINGS = (
     "model", "optim", "seed", "precision", "grad_accum", "zero_stage", "steps_per_epoch",
-    "data.batch_size", "data.categories", "data.transforms", "data.repeat_threshold",
+    "data.batch_size", "data.transforms", "data.repeat_threshold",
 )  # fmt: skip
+FILE_SETTINGS = ("model.init_from", "model.backbone_weights", "model.category_embeddings")
 
 
 def changed_settings(out_dir: Path, cfg: TrainConfig) -> list[str]:
@@ -91,6 +94,8 @@ def changed_settings(out_dir: Path, cfg: TrainConfig) -> list[str]:
     changes: list[str] = []
 
     def compare(key: str, before, after) -> None:
+        if key in FILE_SETTINGS:
+            return
         if isinstance(before, dict) and isinstance(after, dict):
             for k in sorted(set(before) & set(after)):
                 compare(f"{key}.{k}", before[k], after[k])
