@@ -29,14 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_vocab_scaling import peak_gb, reset_peak, synthetic_taxonomy
+from bench_vocab_scaling import peak_gb, reset_peak, rss_gb, synthetic_taxonomy
 
 CHANNELS, H, W = 512, 25, 42
-
-
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
 
 
 def taxonomy_for(size: int, work: Path):

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from bench_vocab_scaling import build, peak_gb, reset_peak
+from bench_vocab_scaling import build, peak_gb, reset_peak, rss_gb
 
 CASES = ("autograd", "lean", "lean_bf16")
 
@@ -79,12 +79,6 @@ def child(case: str, n: int, image: int) -> dict:
         "peak_gb": peak_gb(), "held_gb": held, "step_s": seconds, "loss": loss.item(),
         "update": update,
     }  # fmt: skip
-
-
-def rss_gb() -> float:
-    """This process's resident memory now, GiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
 
 
 def main() -> None:

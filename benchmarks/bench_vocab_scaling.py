@@ -82,6 +82,12 @@ def reset_peak() -> None:
         f.write("5")
 
 
+def rss_gb() -> float:
+    """This process's resident memory now, GiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+
 def peak_gb() -> float:
     """Peak resident memory since the last `reset_peak` (VmHWM), GiB."""
     with open("/proc/self/status") as f:
