@@ -94,8 +94,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args: list[str], world: int) -> list[str]:
-    """`python -m ARGS` as `world` ranks on loopback; every rank must exit 0. Their outputs."""
+def start_ranks(args: list[str], world: int, **popen) -> list[subprocess.Popen]:
+    """`python -m ARGS` started as `world` ranks on loopback (text pipes as `popen` says)."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -104,17 +104,21 @@ def launch(args: list[str], world: int) -> list[str]:
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": "1",
     }
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, "-m", *args],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
             text=True,
+            **popen,
         )
         for r in range(world)
     ]
+
+
+def launch(args: list[str], world: int) -> list[str]:
+    """`python -m ARGS` as `world` ranks on loopback; every rank must exit 0. Their outputs."""
+    procs = start_ranks(args, world, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
@@ -283,19 +287,10 @@ def test_a_run_folder_is_not_resumed_under_other_run_settings(dataset, tmp_path)
     run(config(dataset, out, steps=2, checkpoint_every=2))
     record = (out / "config.json").read_text()
     changed = config(dataset, out, steps=4, optim={"lr": 2e-3, "clip_grad": 1.0})
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "vastdet.cli", "train", "--config", str(changed)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in range(2)
-    ]
+    procs = start_ranks(
+        ["vastdet.cli", "train", "--config", str(changed)], 2,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], errors[0][-2000:]
     assert "optim.lr: 0.001 -> 0.002" in errors[0] and "Traceback" not in errors[0]
