@@ -94,8 +94,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ranks(args: list[str], world: int, **popen) -> list[subprocess.Popen]:
-    """`python -m ARGS` started as `world` ranks on loopback (text pipes as `popen` says)."""
+def start_ranks(
+    args: list[str], world: int, wrap: dict[int, list[str]] | None = None, **popen
+) -> list[subprocess.Popen]:
+    """`python -m ARGS` started as `world` ranks on loopback (text pipes as `popen` says); a
+    rank in `wrap` runs under that command prefix."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -106,7 +109,7 @@ def start_ranks(args: list[str], world: int, **popen) -> list[subprocess.Popen]:
     }
     return [
         subprocess.Popen(
-            [sys.executable, "-m", *args],
+            [*(wrap or {}).get(r, []), sys.executable, "-m", *args],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             cwd=REPO,
             text=True,

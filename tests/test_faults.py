@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_engine import REPO, config, dataset  # noqa: F401 - the shared fixture
+from test_engine import REPO, config, dataset, launch, start_ranks  # noqa: F401 - the shared fixture
 from test_ray_cluster import s3_server  # noqa: F401 - the moto server
 
 from vastdet.runtime.checkpoints import complete_tags
@@ -97,6 +99,78 @@ def test_a_full_disk_stops_training_with_one_line_and_the_run_resumes_once_there
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resumed from step_00000002 at step 2" in done.stderr
         assert complete_tags(out / "checkpoints")[-1] == "step_00000006"
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> tuple[list, list[str]]:
+    """Each process's exit code and standard error; one still running after `timeout` seconds
+    in all is killed and its code given as None."""
+    deadline = time.monotonic() + timeout
+    codes, errors = [], []
+    for p in procs:
+        try:
+            errors.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
+            codes.append(p.returncode)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            errors.append(p.communicate()[1])
+            codes.append(None)
+    return codes, errors
+
+
+def own_disk(disk: Path, seen_as: Path) -> list[str]:
+    """A command prefix that runs a process in a mount namespace of its own where `disk` is
+    mounted over `seen_as`: that process's node has its own disk under the shared path."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here to give one rank a disk of its own")
+    script = 'mount --bind "$0" "$1" && shift && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+            str(disk), str(seen_as)]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_one_node_stops_every_rank_with_the_one_line(dataset, tmp_path):  # noqa: F811
+    """Two ranks, a disk per node: rank 1's fills while it writes its ZeRO-1 partition of a
+    checkpoint, rank 0's has room and finishes its part. Every rank must end with exit 2 and
+    the line naming the checkpoint (no rank left waiting for one that is gone, no traceback
+    from the closed connection), and on both disks the previous checkpoint stays the newest
+    complete one. (Resuming from disks per node needs the model's file on each node, which
+    DeepSpeed writes on one: the cluster path shares checkpoints through storage instead.)"""
+    sizing = tmp_path / "sizing"
+    launch(
+        ["vastdet.cli", "train", "--config",
+         str(config(dataset, sizing, steps=2, checkpoint_every=2, zero_stage=1))], 2,
+    )  # fmt: skip
+    rank1_mb = (
+        sum(p.stat().st_size for p in (sizing / "checkpoints").rglob("*rank_1*") if p.is_file())
+        / 1e6
+    )
+    out = tmp_path / "run"
+    out.mkdir()
+    with small_disk(tmp_path / "disk1", int(rank1_mb * 1.5) + 1):
+        cfg = config(dataset, out, steps=6, checkpoint_every=2, zero_stage=1)
+        args = ["vastdet.cli", "train", "--config", str(cfg)]
+        wrap = {1: own_disk(tmp_path / "disk1", out)}
+        procs = start_ranks(args, 2, wrap, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        codes, errors = finish(procs, timeout=300)
+        assert codes == [2, 2], [e[-2000:] for e in errors]  # None: still waiting, killed
+        for rank_errors in errors:
+            assert "Traceback" not in rank_errors, rank_errors[-3000:]
+            lines = [ln for ln in rank_errors.splitlines() if ln.startswith("vastdet: error:")]
+            assert len(lines) == 1, rank_errors[-3000:]
+            assert (
+                f"no space left to write checkpoint {out / 'checkpoints' / 'step_00000004'}"
+                in lines[0]
+            )
+            newest = out / "checkpoints" / "step_00000002"
+            assert f"the newest complete checkpoint is {newest}" in lines[0]
+        assert "step_00000004 (on rank 1's disk):" in errors[0]  # rank 0 says whose disk
+        for node in (out, tmp_path / "disk1"):
+            assert complete_tags(node / "checkpoints") == ["step_00000002"]
+            assert not list((node / "checkpoints").glob("*.partial"))
+        # each node keeps its own part of step 2 (rank 1's optimizer partition on its disk)
+        step2 = "checkpoints/step_00000002/zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+        assert (tmp_path / "disk1" / step2.format(1)).is_file()
+        assert (out / step2.format(0)).is_file() and not (out / step2.format(1)).exists()
 
 
 @pytest.mark.slow

@@ -27,7 +27,6 @@ from vastdet.engine.threads import keep_freed_memory, set_threads
 from vastdet.runtime import checkpoints
 from vastdet.runtime.distributed import init_distributed, prepare_deepspeed
 from vastdet.runtime.metrics import LOGGED_TERMS, RunLog, evaluation_rows, training_rows
-from vastdet.runtime.partitions import DataOnlyCheckpointEngine
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +294,8 @@ def train(config: TrainConfig | str, hooks: TrainHooks | None = None) -> dict:
         optimizer=optimizer,
         config=deepspeed_config(cfg, world, type(optimizer) is not torch.optim.AdamW),
     )
-    # a run folder may have been handed to us: its checkpoint is read as data, never unpickled
-    engine.checkpoint_engine = DataOnlyCheckpointEngine(engine.checkpoint_engine)
+    # checkpoints read as data, and a full disk on one rank stopping every rank together
+    engine.checkpoint_engine = checkpoints.CheckpointEngine(engine.checkpoint_engine)
     if world == 1 and cfg.zero_stage == 0:
         # DeepSpeed still flattens every gradient into buckets and all-reduces them over a world
         # of one after each backward: an identity that cost ~10% of a tiny model's CPU step.

@@ -1,5 +1,6 @@
 """Checkpoints that survive a kill at any moment: written under a temporary tag, renamed when
-every rank has finished, found again by the newest complete tag."""
+every rank has finished, found again by the newest complete tag. A disk that fills while one
+rank writes its part stops every rank with the same message, none left waiting."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from taxonomy.files import NoSpaceError, disk_full, free_text, size_text
+from vastdet.runtime.partitions import load_checkpoint_file
 
 TAG = re.compile(r"^step_(\d{8})$")
 
@@ -28,6 +30,35 @@ def complete_tags(directory: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG.match(p.name))
 
 
+class CheckpointEngine:
+    """DeepSpeed's checkpoint engine as a run uses it. A checkpoint is read as data
+    (`load_checkpoint_file`), never unpickled: a run folder may have been handed to us. A write
+    that finds its disk full is noted instead of raised: this rank then goes on through the
+    save's collectives with the others (raising there would leave them waiting for it in the
+    save's last barrier), writing nothing more of that checkpoint, and `save` stops every rank
+    together. Everything else (commit, makedirs) is the wrapped engine's."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.disk_full = False
+
+    def load(self, path: str, map_location=None) -> dict:
+        return load_checkpoint_file(path)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.disk_full:
+            return  # the checkpoint is lost already
+        try:
+            self._inner.save(state_dict, path)
+        except (OSError, RuntimeError) as err:
+            if not disk_full(err, Path(path).parent):
+                raise
+            self.disk_full = True
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
 MARKER = ".rank_"  # a rank was here: names which ranks see one partial folder
 
 
@@ -41,20 +72,30 @@ def save(engine, directory: str | os.PathLike, step: int, client_state: dict, ke
     root = Path(directory)
     final = root / tag_for(step)
     partial = root / (tag_for(step) + ".partial")
+    writes = engine.checkpoint_engine
+    if not isinstance(writes, CheckpointEngine):
+        writes = engine.checkpoint_engine = CheckpointEngine(writes)
+    writes.disk_full = False
     try:
         engine.save_checkpoint(
             str(root), tag=partial.name, client_state=client_state, save_latest=False
         )
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError) as err:  # a file DeepSpeed writes itself (single rank)
         if not disk_full(err, root):
             raise
-        full = True
-    else:
-        full = False
-    if full:  # out of the except block: the failed write's frames, and its open file, are gone
-        gc.collect()  # (an unlinked file that is still open keeps its space)
-        shutil.rmtree(partial, ignore_errors=True)  # it can never be completed: give back its space
-        raise no_space_for_checkpoint(root, final)
+        writes.disk_full = True
+    message = None
+    if writes.disk_full:  # out of the except block: the failed write's frames, and its open
+        gc.collect()  # file, are gone (an unlinked file that is still open keeps its space)
+        shutil.rmtree(partial, ignore_errors=True)  # it can never be completed: give it back
+        message = (_rank(), str(no_space_for_checkpoint(root, final)))
+    failed = [f for f in _gather(message) if f]  # every rank hears of every full disk
+    if failed:
+        shutil.rmtree(partial, ignore_errors=True)
+        rank, text = failed[0]
+        if rank != _rank():
+            text = text.replace(f"{final}:", f"{final} (on rank {rank}'s disk):", 1)
+        raise NoSpaceError(text)
     rank, mark = _rank(), f"{MARKER}{_save_token()}_"  # markers of an earlier, killed save
     partial.mkdir(parents=True, exist_ok=True)  # carry another token and are not counted
     (partial / f"{mark}{rank}").touch()
@@ -90,6 +131,15 @@ def no_space_for_checkpoint(root: Path, final: Path) -> NoSpaceError:
         "free space there (or give output_dir on a larger disk) and start the run again to "
         "resume"
     )
+
+
+def _gather(item):
+    """`item` from every rank, in rank order ([item] alone without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [item]
+    items = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(items, item)
+    return items
 
 
 def _save_token() -> str:

@@ -59,21 +59,6 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict:
     return state
 
 
-class DataOnlyCheckpointEngine:
-    """DeepSpeed's checkpoint engine with its `load` replaced by `load_checkpoint_file`: a
-    resumed run reads its checkpoint as data, like every other reader here. Everything else
-    (save, commit) is the wrapped engine's."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def load(self, path: str, map_location=None) -> dict:
-        return load_checkpoint_file(path)
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-
 def _files(folder: Path, pattern: re.Pattern) -> list[Path]:
     """Files matching `pattern`, ordered by their rank number."""
     found = [(m, p) for p in folder.iterdir() if (m := pattern.match(p.name))]
