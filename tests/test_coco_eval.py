@@ -318,6 +318,21 @@ def test_results_files_stream_to_arrays_and_evaluate_as_the_dicts_do(tmp_path, m
     nested.write_text(json.dumps([{**r, "segmentation": rle} for r in results]))
     assert np.array_equal(read_results(nested).boxes, arrays.boxes)
     assert evaluate_boxes(gt, back).stats == evaluate_boxes(gt, results).stats
+    # plain results in other key orders and spacings read as numbers, a file that mixes
+    # orders (or has a NaN) as JSON: the same arrays either way
+    mmdet_order = [{k: r[k] for k in ("image_id", "bbox", "score", "category_id")} for r in results]
+    mixed = [dict(reversed(r.items())) if i == 17 else r for i, r in enumerate(results)]
+    for layout, kwargs in [(mmdet_order, {}), (results, {"separators": (",", ":")}), (mixed, {})]:
+        path = tmp_path / "layout.json"
+        path.write_text(json.dumps(layout, **kwargs))
+        back = read_results(path)
+        for name in ("image_ids", "category_ids", "boxes", "scores"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(arrays, name))
+    plain = results_file._parse_plain
+    assert plain(json.dumps(mmdet_order)[1:-1]) is not None  # numbers, no json objects
+    assert plain(json.dumps(mixed)[1:-1]) is None and plain(json.dumps(results[:3])) is None
+    nan = json.dumps([{**results[0], "score": float("nan")}])
+    assert plain(nan[1:-1]) is None and np.isnan(results_file._parse(nan, "x").scores[0])
     (tmp_path / "bad.json").write_text('[{"image_id": 1, "bbox": [1, 2, 3, 4]}]')
     with pytest.raises(ValueError, match="not a COCO result"):
         read_results(tmp_path / "bad.json")

@@ -4,8 +4,10 @@ arrays without holding a dict per detection.
 V3Det's val set under its protocol is 9 million detections (30,000 images x 300): as Python
 dicts that is ~10 GB before evaluation starts. The writer emits a plain JSON array, one object
 per line, from the arrays evaluation holds; the reader takes any COCO results file (one line or
-many, keys in any order, extra keys ignored) in blocks, parses each block's objects in one
-call of the json module's C parser and keeps only four arrays.
+many, keys in any order, extra keys ignored) in blocks and keeps only four arrays. A block of
+plain results (the four keys and nothing else, in one order throughout: ours, pycocotools'
+and mmdetection's files) is read as numbers by NumPy once its structure is checked; any other
+block's objects are parsed in one call of the json module's C parser.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import operator
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,18 +93,63 @@ FIELDS = operator.itemgetter("image_id", "category_id", "bbox", "score")
 
 
 def _parse(text: str, path) -> BoxArrays:
-    """The objects in `text` (whole ones, separated by commas): parsed as one JSON array, which
-    runs in the json module's C code; a block that does not parse that way (an object with
-    nested ones, a missing key) goes object by object, which names the one at fault."""
+    """The objects in `text` (whole ones, separated by commas): as plain results if they are
+    (`_parse_plain`), else parsed as one JSON array, which runs in the json module's C code; a
+    block that does not parse that way (an object with nested ones, a missing key) goes object
+    by object, which names the one at fault."""
     start = text.find("{")
     if start < 0:
         return BoxArrays.empty()
+    if (plain := _parse_plain(text[start:])) is not None:
+        return plain
     try:
         rows = list(map(FIELDS, json.loads("[" + text[start:] + "]")))
         image_ids, category_ids, boxes, scores = zip(*rows) if rows else ((),) * 4
         return _arrays(image_ids, category_ids, boxes, scores)
     except (ValueError, KeyError, TypeError):
         return _parse_each(text, path)
+
+
+KEYS = (b'"image_id":', b'"category_id":', b'"bbox":', b'"score":')
+MARKS = bytes((1, 2, 3, 4))  # a key's stand-in: JSON text holds no raw control characters
+WIDTHS = {1: 1, 2: 1, 3: 4, 4: 1}  # numbers per key
+NUMBERS = b"0123456789.-+eE \t\r\n"  # what a number and white space are made of
+TO_SPACE = bytes.maketrans(MARKS + b"{}[],", b" " * 9)
+
+
+def _parse_plain(text: str) -> BoxArrays | None:
+    """Objects that are exactly {image_id, category_id, bbox: [4 numbers], score}, all with
+    their keys in the first one's order, as arrays; None for anything else. The keys become
+    one byte each; with the numbers and white space taken out, what is left (the skeleton)
+    must be one object's skeleton n times over, so every number's place is known, and then
+    NumPy reads the numbers (the same doubles as the json module's: both round correctly)."""
+    data = text.encode()
+    for key, mark in zip(KEYS, MARKS):
+        data = data.replace(key, bytes((mark,)))
+    skeleton = data.translate(None, NUMBERS)
+    order = skeleton[: skeleton.find(b"}") + 1].translate(None, b"{}[],")
+    if sorted(order) != list(MARKS):
+        return None
+    one = b"{" + b",".join(b"\x03[,,,]" if m == 3 else bytes((m,)) for m in order) + b"}"
+    n = skeleton.count(b"{")
+    if skeleton != b",".join([one] * n):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy warns where its reading stops early
+        try:
+            values = np.fromstring(data.translate(TO_SPACE), dtype=np.float64, sep=" ")
+        except (ValueError, DeprecationWarning):
+            return None
+    if values.size != 7 * n:
+        return None
+    values = values.reshape(n, 7)
+    column = dict(zip(order, np.cumsum([0] + [WIDTHS[m] for m in order])))
+    return BoxArrays(
+        values[:, column[1]].astype(np.int64),
+        values[:, column[2]].astype(np.int64),
+        np.ascontiguousarray(values[:, column[3] : column[3] + 4]),
+        np.ascontiguousarray(values[:, column[4]]),
+    )
 
 
 def _arrays(image_ids, category_ids, boxes, scores) -> BoxArrays:
