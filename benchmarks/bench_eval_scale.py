@@ -3,7 +3,7 @@ categories (9 million detections), from the files on disk to the metrics, with i
 and peak memory.
 
     python benchmarks/bench_eval_scale.py [--images 30000] [--workdir runs/eval_scale]
-        [--check-images 2000]
+        [--check-images 2000] [--compare-read]
 
 A seeded case with V3Det's shape: images with 1-11 ground truths (179,476 in all at 30,000
 images) whose categories follow V3Det's real training frequencies, and 300 detections per image:
@@ -16,6 +16,8 @@ print AP, the time and the peak resident memory (`ru_maxrss`). `--check-images` 
 smaller case of the same generator both from arrays and from the result dicts the evaluator
 took before, which must agree exactly (the dict path is the reference: it reads every
 detection as a dict, as pycocotools does, and equals pycocotools in `tests/test_coco_eval.py`).
+`--compare-read` only reads the results file as plain numbers and through json, in one
+process, and prints both CPU times.
 """
 
 from __future__ import annotations
@@ -136,11 +138,34 @@ def check(work: Path, images: int) -> None:
     )
 
 
+def compare_read(results_path: Path) -> None:
+    """Read the results file as plain numbers and through json, one after the other in this
+    process (CPU seconds, so a busy machine moves both alike); the arrays must be equal."""
+    import vastdet.evaluation.results_file as results_file
+
+    plain, timed = results_file._parse_plain, {}
+    for name in ("json", "plain"):
+        results_file._parse_plain = plain if name == "plain" else (lambda text: None)
+        start = time.process_time()
+        timed[name] = (results_file.read_results(results_path), time.process_time() - start)
+    results_file._parse_plain = plain
+    (ref, ref_s), (got, got_s) = timed["json"], timed["plain"]
+    for field in ("image_ids", "category_ids", "boxes", "scores"):
+        assert np.array_equal(getattr(ref, field), getattr(got, field)), field
+    print(
+        f"reading {len(got):,} detections: plain {got_s:.1f} s, json {ref_s:.1f} s "
+        f"({ref_s / got_s:.1f}x), the same arrays"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=30_000)
     parser.add_argument("--check-images", type=int, default=2_000)
     parser.add_argument("--workdir", type=Path, default=Path("runs/eval_scale"))
+    parser.add_argument(
+        "--compare-read", action="store_true", help="only time reading results.json both ways"
+    )
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -150,6 +175,8 @@ def main() -> None:
     if not results_path.is_file():
         counts = generate(args.images, 0, gt_path, results_path)
         print(f"case: {counts}")
+    if args.compare_read:
+        return compare_read(results_path)
     size = results_path.stat().st_size / 1e6
     out = measure(gt_path, results_path)
     print("| images | detections | results.json | read s | total s | peak GB | AP | AP50 |")
