@@ -81,9 +81,9 @@ def save(engine, directory: str | os.PathLike, step: int, client_state: dict, ke
             str(root), tag=partial.name, client_state=client_state, save_latest=False
         )
     except (OSError, RuntimeError) as err:  # DeepSpeed's own file work (the folder, rank 0's
-        # recovery scripts, rewritten in place): a save that starts on a full disk. Every rank
-        # sharing that disk lands here alike; a rank alone on a full disk beside ranks that
-        # went on would not meet them in the gather below (not handled)
+        # recovery scripts, rewritten in place): a save that starts on a full disk. A rank that
+        # lands here while the others went on would not meet them in the gather below (not
+        # handled: the writes that fill a disk are the engine's)
         if not disk_full(err, root):
             raise
         writes.disk_full = True
