@@ -383,6 +383,7 @@ def test_cq_dino_two_stages_hand_over_and_train_under_zero3(dataset, tmp_path, s
     assert any("diag_rho" in m for m in metrics)
     evaluation = json.loads((stage2 / "eval" / "metrics.json").read_text())
     assert evaluation["images"] == 5 and 0 <= evaluation["AR_C"] <= 1 and "AP" in evaluation
+    assert 0 <= evaluation["selector_AUC_prior"] <= 1  # beside the selector's AUC
 
 
 def test_a_single_process_run_opens_no_port_on_every_interface():

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from vastdet.evaluation.runner import selector_auc
-from vastdet.evaluation.selection import per_image_auc, prior_categories, prior_recall
+from vastdet.evaluation.selection import (
+    per_image_auc,
+    prior_auc,
+    prior_categories,
+    prior_recall,
+)
 
 
 def test_per_image_auc_counts_ordered_pairs_and_half_ties():
@@ -43,6 +48,27 @@ def test_frequency_prior_recall_on_a_hand_worked_case():
     assert prior_recall(images, counts, 10) == pytest.approx(1.0)  # every category kept
     assert prior_recall(images, {**counts, 1: 0}, 10) == pytest.approx(5 / 6)  # never seen
     assert math.isnan(prior_recall([], counts, 3))
+
+
+def test_frequency_prior_auc_on_a_hand_worked_case_and_against_per_image_auc():
+    counts = {1: 1, 2: 4, 3: 9, 4: 4, 5: 20}  # category 6 has no training image
+    ids = [1, 2, 3, 4, 5, 6]
+    # {2}: negatives 6 (0) and 1 (1) below, 4 tied, 3 and 5 above -> (2 + 1/2) / 5
+    # {5, 6}: 5 above all 4 negatives (4/4), 6 below none (0/4) -> 4 / 8
+    assert prior_auc([{2}], counts, ids) == pytest.approx(2.5 / 5)
+    assert prior_auc([{5, 6}], counts, ids) == pytest.approx(0.5)
+    assert prior_auc([{2}, {5, 6}, set(), set(ids)], counts, ids) == pytest.approx(0.5)
+    assert math.isnan(prior_auc([set()], counts, ids))
+    # the same as per_image_auc of the counts as every image's scores, ties and all
+    gen = torch.Generator().manual_seed(0)
+    ids = list(range(100, 160))
+    counts = {c: int(torch.randint(0, 6, (1,), generator=gen)) for c in ids}
+    positive = torch.rand(40, len(ids), generator=gen) < 0.1
+    scores = torch.tensor([float(counts[c]) for c in ids]).expand(40, -1)
+    reference = per_image_auc(scores, positive)
+    present = [{ids[j] for j in row.nonzero().flatten().tolist()} for row in positive]
+    expected = float(reference[~reference.isnan()].mean())
+    assert prior_auc(present, counts, ids) == pytest.approx(expected, abs=1e-12)
 
 
 def test_selector_auc_reads_each_images_ground_truth_categories():

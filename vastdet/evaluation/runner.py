@@ -34,7 +34,7 @@ from vastdet.evaluation.coco import (
     split_ap,
 )
 from vastdet.evaluation.results_file import write_results
-from vastdet.evaluation.selection import prior_recall
+from vastdet.evaluation.selection import prior_auc, prior_recall
 from vastdet.evaluation.slices import (
     dataset_frequency_groups,
     frequency_groups,
@@ -329,17 +329,21 @@ def evaluate_model(
             cfg.levels,
             category_images,
         )
+    per_image = {}  # each image's ground-truth categories
+    for a in annotations:
+        per_image.setdefault(a["image_id"], set()).add(a["category_id"])
     if present:
         metrics["AR_C"] = selected / present  # ground-truth categories kept by the selection
         if category_images:  # the same count of the most frequent training categories
-            per_image = {}
-            for a in annotations:
-                per_image.setdefault(a["image_id"], set()).add(a["category_id"])
             metrics["AR_C_prior"] = prior_recall(
                 per_image.values(), category_images, record.num_selected
             )
     if sum(a[1] for a in auc):
         metrics["selector_AUC"] = sum(a[0] for a in auc) / sum(a[1] for a in auc)
+        if category_images:  # every image ranking the categories by their training images
+            metrics["selector_AUC_prior"] = prior_auc(
+                per_image.values(), category_images, category_ids
+            )
     uses = [u for u in uses if u]
     if uses:  # per query index, summed over ranks
         metrics["query_gini"] = gini(np.sum(uses, axis=0))

@@ -6,12 +6,16 @@
 - `prior_recall`: AR^C of the frequency prior, the C' categories with the most training images
   selected for every image. A selector whose AR^C does not clearly beat it has learned the
   long tail's head, not the image.
+- `prior_auc`: the per-image AUC of that prior (every image ranks the categories by their
+  training images). On a long tail it is far above 0.5: present categories are mostly
+  frequent ones, so a selector's AUC reads the image only where it beats this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 
@@ -47,3 +51,32 @@ def prior_recall(
         kept += len(present & prior)
         total += len(present)
     return kept / total if total else float("nan")
+
+
+def prior_auc(
+    present_per_image: Iterable[Iterable[int]],
+    category_images: Mapping[int, int],
+    category_ids: Sequence[int],
+) -> float:
+    """The mean over images of `per_image_auc` for scores that are the training image counts
+    of `category_ids` (0 for a category without any): what `selector_AUC` would be for a
+    selector that ranks every image the same way, by frequency. Images without a present
+    category, or with every category present, are left out (NaN when none is left)."""
+    ids = np.asarray(category_ids, dtype=np.int64)
+    counts = np.array([category_images.get(int(c), 0) for c in ids], dtype=np.int64)
+    ranked = np.sort(counts)
+    column = {int(c): i for i, c in enumerate(ids)}
+    total = images = 0.0
+    for present in present_per_image:
+        rows = sorted({column[c] for c in present if c in column})
+        n_pos, n_neg = len(rows), len(ids) - len(rows)
+        if not n_pos or not n_neg:
+            continue
+        pos = np.sort(counts[rows])
+        below = np.searchsorted(ranked, pos, "left") - np.searchsorted(pos, pos, "left")
+        ties = (np.searchsorted(ranked, pos, "right") - np.searchsorted(ranked, pos, "left")) - (
+            np.searchsorted(pos, pos, "right") - np.searchsorted(pos, pos, "left")
+        )  # negatives only: the positives' own counts taken out of both
+        total += float((below + ties / 2).sum()) / (n_pos * n_neg)
+        images += 1
+    return total / images if images else float("nan")
