@@ -120,8 +120,11 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> tuple[list, list[st
 def own_disk(disk: Path, seen_as: Path) -> list[str]:
     """A command prefix that runs a process in a mount namespace of its own where `disk` is
     mounted over `seen_as`: that process's node has its own disk under the shared path."""
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare here to give one rank a disk of its own")
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode
+    ):
+        pytest.skip("no mount namespaces here to give one rank a disk of its own")
     script = 'mount --bind "$0" "$1" && shift && exec "$@"'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
             str(disk), str(seen_as)]  # fmt: skip
