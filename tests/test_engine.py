@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,12 +120,30 @@ def start_ranks(
     ]
 
 
+def finish(
+    procs: list[subprocess.Popen], timeout: float, stream: str = "stderr"
+) -> tuple[list, list[str]]:
+    """Each process's exit code and its `stream` ("stdout" or "stderr"); one still running
+    after `timeout` seconds in all is killed and its code given as None."""
+    deadline, part = time.monotonic() + timeout, ("stdout", "stderr").index(stream)
+    codes, texts = [], []
+    for p in procs:
+        try:
+            texts.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[part])
+            codes.append(p.returncode)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            texts.append(p.communicate()[part])
+            codes.append(None)
+    return codes, texts
+
+
 def launch(args: list[str], world: int) -> list[str]:
     """`python -m ARGS` as `world` ranks on loopback; every rank must exit 0. Their outputs."""
     procs = start_ranks(args, world, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    codes, outputs = finish(procs, timeout=300, stream="stdout")
+    for code, out in zip(codes, outputs):
+        assert code == 0, out[-3000:]
     return outputs
 
 
@@ -294,8 +313,8 @@ def test_a_run_folder_is_not_resumed_under_other_run_settings(dataset, tmp_path)
         ["vastdet.cli", "train", "--config", str(changed)], 2,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], errors[0][-2000:]
+    codes, errors = finish(procs, timeout=300)
+    assert codes == [2, 2], errors[0][-2000:]
     assert "optim.lr: 0.001 -> 0.002" in errors[0] and "Traceback" not in errors[0]
     assert "holds a run started with other settings" in errors[1]
     assert (out / "config.json").read_text() == record

@@ -12,13 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_engine import REPO, config, dataset, launch, start_ranks  # noqa: F401 - the shared fixture
+from test_engine import REPO, config, dataset, finish, launch, start_ranks  # noqa: F401 - the shared fixture
 from test_ray_cluster import s3_server  # noqa: F401 - the moto server
 
 from vastdet.runtime.checkpoints import complete_tags
@@ -99,22 +98,6 @@ def test_a_full_disk_stops_training_with_one_line_and_the_run_resumes_once_there
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resumed from step_00000002 at step 2" in done.stderr
         assert complete_tags(out / "checkpoints")[-1] == "step_00000006"
-
-
-def finish(procs: list[subprocess.Popen], timeout: float) -> tuple[list, list[str]]:
-    """Each process's exit code and standard error; one still running after `timeout` seconds
-    in all is killed and its code given as None."""
-    deadline = time.monotonic() + timeout
-    codes, errors = [], []
-    for p in procs:
-        try:
-            errors.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
-            codes.append(p.returncode)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            errors.append(p.communicate()[1])
-            codes.append(None)
-    return codes, errors
 
 
 def own_disk(disk: Path, seen_as: Path) -> list[str]:

@@ -72,9 +72,7 @@ def save(engine, directory: str | os.PathLike, step: int, client_state: dict, ke
     root = Path(directory)
     final = root / tag_for(step)
     partial = root / (tag_for(step) + ".partial")
-    writes = engine.checkpoint_engine
-    if not isinstance(writes, CheckpointEngine):
-        writes = engine.checkpoint_engine = CheckpointEngine(writes)
+    writes = engine.checkpoint_engine  # a CheckpointEngine (the trainer sets it up)
     writes.disk_full = False
     try:
         engine.save_checkpoint(
