@@ -61,6 +61,7 @@ class PipelineConfig:
     num_workers: int = at_least(1, 2)
     use_gpu: bool = False
     max_failures: int = at_least(-1, 1)  # -1: restart without limit (Ray's convention)
+    storage_retry_s: float = at_least(0, 300.0)  # a restore waits out unanswering storage this long
     storage_path: str | None = None  # Ray Train's storage (default: run_dir/ray)
     storage_endpoint: str | None = None  # an S3-compatible server for s3:// storage (MinIO...)
     per_node_output: bool = False  # each node trains in a scratch folder of its own
@@ -180,6 +181,7 @@ class Pipeline:
         start = time.perf_counter()
         self.emit(f"{step}: Ray Train run {name}, {num_workers} workers, storage {self.storage}")
         self.state.record(step, status="running", fingerprint=key, ray_run=name)
+        loop = {**loop, "storage_retry_s": self.cfg.storage_retry_s}  # not in the fingerprint
         try:
             result = run_job(
                 loop_fn, loop, num_workers, self.cfg.use_gpu, self.storage, self.filesystem,
@@ -223,8 +225,9 @@ class Pipeline:
             raise PipelineStepError(f"pipeline step {step} reported no checkpoint")
         # the stage's output_dir as a normal run folder, whichever nodes trained it
         fetch_checkpoint(
-            result.checkpoint, Path(settings["output_dir"]), fresh=self.cfg.per_node_output
-        )
+            result.checkpoint, Path(settings["output_dir"]), fresh=self.cfg.per_node_output,
+            retry_s=self.cfg.storage_retry_s,
+        )  # fmt: skip
         plot_run(settings["output_dir"])
         self.state.record(
             step, status="finished", fingerprint=key, ray_run=name, seconds=seconds,
@@ -233,6 +236,7 @@ class Pipeline:
         return result.checkpoint.path
 
     def evaluate(self, upstream: str) -> dict:
+        from cluster.storage import checkpoint_folder
         from cluster.workers import eval_worker
         from vastdet.runtime.metrics import append_evaluation
         from vastdet.runtime.plot import plot_run
@@ -257,7 +261,7 @@ class Pipeline:
         result, name, seconds = self._job("eval", key, eval_worker, loop, workers)
         if result.checkpoint is None:
             raise PipelineStepError("pipeline step eval reported no results")
-        with result.checkpoint.as_directory() as folder:
+        with checkpoint_folder(result.checkpoint, self.cfg.storage_retry_s) as folder:
             staging = self.run_dir / ".eval-fetch"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(folder, staging)

@@ -10,7 +10,10 @@ file.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import time
 from urllib.parse import urlparse
 
 
@@ -26,3 +29,78 @@ def storage_filesystem(storage_path: str | None, endpoint: str | None = None):
 
     fs = s3_filesystem(endpoint, allow_bucket_creation=True)
     return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+RETRY_S = 300.0  # how long a read from storage waits out a server that does not answer
+TRANSIENT = (  # what pyarrow's S3 and GCS file systems say when the server did not answer
+    "AWS Error NETWORK_CONNECTION",
+    "AWS Error SERVICE_UNAVAILABLE",
+    "AWS Error SLOW_DOWN",
+    "AWS Error INTERNAL_FAILURE",
+    "AWS Error UNKNOWN",
+    "Connection reset",
+    "Connection refused",
+    "timed out",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+)
+
+
+class StorageUnavailableError(OSError):
+    """Storage did not answer within the retry window; the message names the storage path."""
+
+
+def transient(error: BaseException) -> bool:
+    """Whether `error` says the storage server did not answer (worth trying again), as opposed
+    to a missing object, refused credentials or a full local disk (not)."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(error, OSError) and any(token in str(error) for token in TRANSIENT)
+
+
+def location(checkpoint) -> str:
+    """A Ray checkpoint's place in storage as a user writes it (`s3://bucket/key`, a path)."""
+    kind = getattr(checkpoint.filesystem, "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def with_retry(action, what: str, where: str, window_s: float = RETRY_S):
+    """`action()`, tried again with a growing pause (1 s doubling to 30 s) while it fails
+    because storage does not answer, for up to `window_s` seconds; then StorageUnavailableError
+    naming `where`. Other errors pass through at once. Each retry prints one line to stderr."""
+    deadline = time.monotonic() + window_s
+    pause = 1.0
+    while True:
+        try:
+            return action()
+        except OSError as error:
+            if not transient(error):
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailableError(
+                    f"storage did not answer for {window_s:g} s while {what} {where}: {reason}"
+                ) from error
+            wait = min(pause, left)
+            print(
+                f"vastdet: storage did not answer while {what} {where} ({reason}); "
+                f"trying again in {wait:.0f} s ({left:.0f} s left of {window_s:g} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(wait)
+            pause = min(2 * pause, 30.0)
+
+
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint, window_s: float = RETRY_S):
+    """A Ray checkpoint as a local folder (`Checkpoint.as_directory`: downloaded once per node
+    and removed after), its download retried while storage does not answer (`with_retry`)."""
+    with contextlib.ExitStack() as stack:
+        yield with_retry(
+            lambda: stack.enter_context(checkpoint.as_directory()),
+            "reading checkpoint",
+            location(checkpoint),
+            window_s,
+        )

@@ -39,14 +39,19 @@ def owned_files(folder: Path, rank: int) -> list[Path]:
     return files
 
 
-def fetch_checkpoint(checkpoint, run_dir: Path, fresh: bool = False) -> str | None:
+def fetch_checkpoint(
+    checkpoint, run_dir: Path, fresh: bool = False, retry_s: float | None = None
+) -> str | None:
     """Put a reported checkpoint's folder into `run_dir/checkpoints/<tag>`, and the run files
     that travel with it (config.json, metrics.jsonl up to that step) beside, where they are
     missing; with `fresh`, in place of what `run_dir` holds. Returns the tag (None for a
-    checkpoint without one)."""
+    checkpoint without one). Storage that does not answer is waited out for `retry_s` seconds
+    (default `cluster.storage.RETRY_S`): a group restarted by a storage outage would otherwise
+    fail again on the restore, using up its restarts while the outage lasts."""
+    from cluster.storage import RETRY_S, checkpoint_folder
     from vastdet.runtime import checkpoints
 
-    with checkpoint.as_directory() as local:
+    with checkpoint_folder(checkpoint, RETRY_S if retry_s is None else retry_s) as local:
         note = Path(local) / NOTE
         if not note.is_file():
             return None
@@ -133,8 +138,9 @@ def train_worker(loop: dict) -> None:
     """Ray Train's `train_loop_per_worker` for a training stage. `loop` holds the stage's
     `config` (a TrainConfig as a dict), and optionally `init_checkpoint` (stage 1's Ray
     checkpoint, for stage 2), `per_node_output` (the run's name: each node then works in a
-    scratch folder of its own under `output_dir`), `progress` (the board's actor name) and
-    `stage` (its label)."""
+    scratch folder of its own under `output_dir`), `progress` (the board's actor name),
+    `stage` (its label) and `storage_retry_s` (how long a restore waits out storage that does
+    not answer)."""
     import ray
     import ray.train
 
@@ -149,12 +155,12 @@ def train_worker(loop: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:  # a restarted group: the newest checkpoint, from storage
-        tag = fetch_checkpoint(resumed, run_dir)
+        tag = fetch_checkpoint(resumed, run_dir, retry_s=loop.get("storage_retry_s"))
         if tag is not None:
             drop_newer_checkpoints(run_dir, tag)
     if loop.get("init_checkpoint") is not None and resumed is None:
         init_dir = Path(tempfile.mkdtemp(dir=run_dir, prefix=".init-"))
-        fetch_checkpoint(loop["init_checkpoint"], init_dir)
+        fetch_checkpoint(loop["init_checkpoint"], init_dir, retry_s=loop.get("storage_retry_s"))
         cfg.model.init_from = str(init_dir)
     context = ray.train.get_context()
     reports = RayReports(
@@ -166,14 +172,14 @@ def train_worker(loop: dict) -> None:
 def eval_worker(loop: dict) -> None:
     """Ray Train's `train_loop_per_worker` for an evaluation: the model of `checkpoint` (a
     stage's Ray checkpoint) over `val_shards`, as `vastdet eval` runs it (`eval`: the
-    EvalConfig's settings, `categories`, `train_shards`). Rank 0 reports the metrics with its
+    EvalConfig's settings, `categories`, `train_shards`, `storage_retry_s`). Rank 0 reports the metrics with its
     output folder (metrics.json, results.json, charts) as a checkpoint."""
     import ray.train
 
     from vastdet.evaluation.runner import EvalConfig, run_eval
 
     work = Path(tempfile.mkdtemp(prefix="vastdet-eval-"))
-    fetch_checkpoint(loop["checkpoint"], work / "model")
+    fetch_checkpoint(loop["checkpoint"], work / "model", retry_s=loop.get("storage_retry_s"))
     out = work / "out"
     cfg = from_dict(EvalConfig, loop.get("eval") or {}, "<ray eval config>")
     metrics = run_eval(

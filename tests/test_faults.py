@@ -560,3 +560,56 @@ def test_storage_that_stops_answering_during_a_checkpoint_upload_loses_nothing(
     assert [r["step"] for r in cut["rows"]] == list(range(1, 9))
     for a, b in zip(straight["rows"], cut["rows"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a, b)
+
+
+def test_a_restore_waits_out_storage_that_does_not_answer_and_names_it_when_it_never_does(
+    s3_server,  # noqa: F811
+    tmp_path,
+    capfd,
+):
+    """A restarted worker group reads its checkpoint from storage that is still down (the
+    outage that failed the upload often outlasts a restart): the read waits it out and the
+    folder arrives whole; storage that stays down past the window fails naming the path."""
+    import time
+
+    from ray.train import Checkpoint
+    from test_ray_cluster import BUCKET, upload
+
+    from cluster.storage import StorageUnavailableError
+    from cluster.workers import NOTE, fetch_checkpoint
+    from pipelines.sources import s3_filesystem
+
+    tag = "step_00000002"
+    kit = tmp_path / "kit"
+    (kit / "checkpoints" / tag).mkdir(parents=True)
+    written = {
+        f"checkpoints/{tag}/mp_rank_00_model_states.pt": os.urandom(200_000),
+        f"checkpoints/{tag}/zero_pp_rank_1_mp_rank_00_optim_states.pt": os.urandom(300_000),
+        NOTE: json.dumps({"tag": tag, "step": 2}).encode(),
+        "config.json": b"{}",
+    }
+    for name, data in written.items():
+        (kit / name).write_bytes(data)
+    upload(kit, "restore/kit")
+    moto_port = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = FlakyProxy(moto_port, rb"(?!)", 0.0)  # cut by hand below
+    try:
+        fs = s3_filesystem(f"http://127.0.0.1:{proxy.port}")
+        checkpoint = Checkpoint(f"{BUCKET}/restore/kit", filesystem=fs)
+        proxy.down_until = time.monotonic() + 6.0
+        assert fetch_checkpoint(checkpoint, tmp_path / "run", retry_s=120) == tag
+        assert proxy.refused, "no connection came during the outage: it was not felt"
+        for name, data in written.items():
+            if name != NOTE:
+                assert (tmp_path / "run" / name).read_bytes() == data, name
+        said = capfd.readouterr().err
+        assert f"storage did not answer while reading checkpoint s3://{BUCKET}/restore/kit" in said
+        proxy.down_until = time.monotonic() + 600.0  # longer than the window
+        with pytest.raises(StorageUnavailableError) as failed:
+            fetch_checkpoint(checkpoint, tmp_path / "run2", retry_s=3)
+        assert f"did not answer for 3 s while reading checkpoint s3://{BUCKET}/restore/kit" in str(
+            failed.value
+        )
+        assert not (tmp_path / "run2" / "checkpoints").exists()
+    finally:
+        proxy.close()
