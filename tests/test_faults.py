@@ -335,10 +335,10 @@ def snapshot_checkpoints(storage: Path) -> dict[str, int]:
 
 
 def start_pipeline(pipeline: Path) -> subprocess.Popen:
-    from cluster.local import loopback_environment
+    from cluster.local import local_environment
 
     env = {
-        **os.environ, **loopback_environment(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+        **os.environ, **local_environment(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
         "PYTHONPATH": str(REPO),
     }  # fmt: skip
     return subprocess.Popen(

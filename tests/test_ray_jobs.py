@@ -14,15 +14,16 @@ import yaml
 from test_engine import config, dataset, free_port  # noqa: F401 - the shared synthetic dataset
 
 from cluster.jobs import wait_for
-from cluster.local import loopback_environment
+from cluster.local import local_environment
 
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A head node on loopback, token auth off, the venv's python first on PATH (jobs run it)."""
+    """A head node on loopback with workers not niced, token auth off, the venv's python first on
+    PATH (jobs run it)."""
     env = {
         **os.environ,
-        **loopback_environment(),
+        **local_environment(),
         "RAY_AUTH_MODE": "disabled",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }

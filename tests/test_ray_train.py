@@ -29,27 +29,34 @@ def local_ray():
 
 
 LISTENING = """
-import json, psutil, ray
+import json, os, psutil, ray
 from cluster.local import start_local_ray
 start_local_ray(num_cpus=2, log_to_driver=False)
-ray.get([ray.remote(lambda: 1).remote() for _ in range(2)])  # workers listen too
+niceness = ray.get([ray.remote(lambda: os.nice(0)).remote() for _ in range(2)])  # workers listen too
 processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
-print(json.dumps(sorted({
+print(json.dumps({"niceness": [os.nice(0), *niceness], "listening": sorted({
     (p.name(), c.laddr.ip) for p in processes for c in p.net_connections(kind="inet")
     if c.status == psutil.CONN_LISTEN
-})))
+})}))
 ray.shutdown()
 """
 
 
-def test_local_ray_listens_on_loopback_only():
+def test_local_ray_listens_on_loopback_only_and_its_workers_are_as_nice_as_the_driver():
     """Every socket the embedded instance listens on (GCS, raylet, agents, workers, the
-    driver's own server) is bound to loopback; checked from a fresh driver process."""
+    driver's own server) is bound to loopback; its workers run at the niceness of the command
+    that started it (Ray's default would add 15: on a shared machine training then gets what
+    the other processes leave). Checked from a fresh driver process, started at niceness 3."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
     done = subprocess.run(
-        [sys.executable, "-c", LISTENING], capture_output=True, text=True, timeout=300
-    )
+        ["nice", "-n", "3", sys.executable, "-c", LISTENING],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    listening = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    driver, *workers = seen["niceness"]
+    assert workers == [driver, driver], seen["niceness"]
+    listening = seen["listening"]
     assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
 

@@ -98,10 +98,11 @@ def kill_one_worker_at_step_three(
 
 def main() -> int:
     settings = json.loads(Path(sys.argv[1]).read_text())
-    from cluster.local import loopback_environment
+    from cluster.local import local_environment
 
-    # both raylets on 127.0.0.1: without single-machine mode Ray maps that to the outward address
-    os.environ.update(loopback_environment())
+    # both raylets on 127.0.0.1 (without single-machine mode Ray maps that to the outward
+    # address), and their workers not niced below the busy processes a loaded test meets
+    os.environ.update(local_environment())
     import ray
     from ray.cluster_utils import Cluster
 
