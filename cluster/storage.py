@@ -14,6 +14,7 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 
@@ -93,14 +94,58 @@ def with_retry(action, what: str, where: str, window_s: float = RETRY_S):
             pause = min(2 * pause, 30.0)
 
 
+def missing_files(checkpoint, folder) -> list[str]:
+    """The files of a checkpoint in storage that `folder`, its download, lacks or holds cut
+    short (relative paths, sorted); one listing of the checkpoint's prefix."""
+    from pyarrow.fs import FileSelector, FileType
+
+    root = checkpoint.path.rstrip("/") + "/"
+    listed = checkpoint.filesystem.get_file_info(FileSelector(checkpoint.path, recursive=True))
+    short = []
+    for info in listed:
+        if info.type == FileType.File:
+            name = info.path[len(root) :] if info.path.startswith(root) else info.base_name
+            local = Path(folder) / name
+            if not local.is_file() or local.stat().st_size != info.size:
+                short.append(name)
+    return sorted(short)
+
+
 @contextlib.contextmanager
 def checkpoint_folder(checkpoint, window_s: float = RETRY_S):
     """A Ray checkpoint as a local folder (`Checkpoint.as_directory`: downloaded once per node
-    and removed after), its download retried while storage does not answer (`with_retry`)."""
+    and removed after), its download retried while storage does not answer (`with_retry`) and
+    checked against storage's listing, so a download cut short is never used.
+
+    Workers on one node share the download: one fetches while the others wait on its lock. When
+    that one fails (storage did not answer), Ray hands each waiting worker the folder as the
+    failed download left it, or tells it the folder "should have been created by another
+    process": the same outage, so both are retried, and the next try downloads in this worker
+    if nobody else is."""
+    import pyarrow.fs
+
+    remote = not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
+
+    def enter():
+        attempt = contextlib.ExitStack()
+        try:
+            folder = attempt.enter_context(checkpoint.as_directory())
+            short = missing_files(checkpoint, folder) if remote else []
+            if short:
+                raise ConnectionError(
+                    f"the download stopped short: {len(short)} file(s) missing or cut, "
+                    f"{', '.join(short[:3])}"
+                )
+        except RuntimeError as error:
+            attempt.close()
+            if "another process" not in str(error):
+                raise
+            raise ConnectionError(f"another worker's download failed: {error}") from error
+        except BaseException:
+            attempt.close()
+            raise
+        stack.enter_context(attempt)
+        return folder
+
     with contextlib.ExitStack() as stack:
-        yield with_retry(
-            lambda: stack.enter_context(checkpoint.as_directory()),
-            "reading checkpoint",
-            location(checkpoint),
-            window_s,
-        )
+        yield with_retry(enter, "reading checkpoint", location(checkpoint), window_s)

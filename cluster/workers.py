@@ -172,8 +172,8 @@ def train_worker(loop: dict) -> None:
 def eval_worker(loop: dict) -> None:
     """Ray Train's `train_loop_per_worker` for an evaluation: the model of `checkpoint` (a
     stage's Ray checkpoint) over `val_shards`, as `vastdet eval` runs it (`eval`: the
-    EvalConfig's settings, `categories`, `train_shards`, `storage_retry_s`). Rank 0 reports the metrics with its
-    output folder (metrics.json, results.json, charts) as a checkpoint."""
+    EvalConfig's settings, `categories`, `train_shards`, `storage_retry_s`). Rank 0 reports the
+    metrics with its output folder (metrics.json, results.json, charts) as a checkpoint."""
     import ray.train
 
     from vastdet.evaluation.runner import EvalConfig, run_eval

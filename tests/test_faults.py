@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -575,7 +576,7 @@ def test_a_restore_waits_out_storage_that_does_not_answer_and_names_it_when_it_n
     from ray.train import Checkpoint
     from test_ray_cluster import BUCKET, upload
 
-    from cluster.storage import StorageUnavailableError
+    from cluster.storage import StorageUnavailableError, missing_files
     from cluster.workers import NOTE, fetch_checkpoint
     from pipelines.sources import s3_filesystem
 
@@ -611,5 +612,42 @@ def test_a_restore_waits_out_storage_that_does_not_answer_and_names_it_when_it_n
             failed.value
         )
         assert not (tmp_path / "run2" / "checkpoints").exists()
+        # two workers of one node restoring together (one downloads, the other waits on its
+        # lock and is told only that the folder never came): both wait the outage out
+        kit_file = tmp_path / "checkpoint.pickle"
+        kit_file.write_bytes(pickle.dumps(checkpoint))  # as Ray ships it: one download folder
+        proxy.down_until = time.monotonic() + 8.0
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", TWO_WORKERS, str(kit_file), str(tmp_path / f"node{i}")],
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        for i, worker in enumerate(workers):
+            out, err = worker.communicate(timeout=300)
+            assert worker.returncode == 0, err[-2000:]
+            assert out.split() == [tag], out
+            for name, data in written.items():
+                if name != NOTE:
+                    assert (tmp_path / f"node{i}" / name).read_bytes() == data, name
+        # a download is checked against storage's listing: a file missing or cut is named
+        whole = Checkpoint(f"{BUCKET}/restore/kit", filesystem=s3_filesystem())
+        assert missing_files(whole, kit) == []
+        (kit / "config.json").unlink()
+        cut = kit / f"checkpoints/{tag}/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        cut.write_bytes(cut.read_bytes()[:1000])
+        assert missing_files(whole, kit) == [str(cut.relative_to(kit)), "config.json"]
     finally:
         proxy.close()
+
+
+TWO_WORKERS = """
+import pickle, sys
+from pathlib import Path
+from cluster.workers import fetch_checkpoint
+print(fetch_checkpoint(pickle.loads(Path(sys.argv[1]).read_bytes()), Path(sys.argv[2]), retry_s=120))
+"""
