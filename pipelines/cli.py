@@ -34,6 +34,12 @@ def add_commands(subparsers) -> None:
         help="category frequencies instead of Zipf: a JSON list of {id, instance_count} "
         "(V3Det's cat_info file) or an object {category id: count}",
     )
+    synth.add_argument(
+        "--jpeg-subsampling",
+        default="4:2:0",
+        choices=("4:4:4", "4:2:2", "4:2:0"),
+        help="JPEG chroma subsampling (default 4:2:0; 4:4:4 keeps small objects' colour texture)",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument(
         "--shards",
@@ -122,6 +128,7 @@ def _synth(args: argparse.Namespace) -> int:
         max_side=args.max_side,
         max_objects=args.max_objects,
         zipf_exponent=args.zipf,
+        jpeg_subsampling=args.jpeg_subsampling,
         seed=args.seed,
     )
     histogram = _histogram(args.histogram) if args.histogram else None

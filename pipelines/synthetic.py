@@ -35,6 +35,7 @@ from taxonomy import Taxonomy
 
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "star", "cross", "hexagon", "chevron")
 PATTERNS = ("solid", "stripes", "checker", "dots", "rings", "gradient")
+SUBSAMPLING = ("4:4:4", "4:2:2", "4:2:0")  # Pillow's names for its JPEG chroma subsampling
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,18 @@ class SynthConfig:
     max_box: float = 0.6
     zipf_exponent: float = 1.1
     jpeg_quality: int = 90
+    # chroma subsampling of the JPEG: 4:2:0 (libjpeg's default) halves the colour resolution,
+    # which blurs the accent colour of a small object's texture, the cue that tells siblings
+    # apart; 4:4:4 keeps it (7.7 KiB against 5.0 KiB a 128-160 px image at quality 90)
+    jpeg_subsampling: str = "4:2:0"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.jpeg_subsampling not in SUBSAMPLING:
+            raise ValueError(
+                f"jpeg_subsampling must be one of {', '.join(SUBSAMPLING)}, "
+                f"not {self.jpeg_subsampling!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -253,7 +265,12 @@ class SyntheticRenderer:
 
     def __call__(self, record: ImageRecord) -> bytes:
         out = io.BytesIO()
-        self.image(record).save(out, format="JPEG", quality=self.cfg.jpeg_quality)
+        self.image(record).save(
+            out,
+            format="JPEG",
+            quality=self.cfg.jpeg_quality,
+            subsampling=self.cfg.jpeg_subsampling,
+        )
         return out.getvalue()
 
 
