@@ -33,7 +33,7 @@ $(WORDNET_STAMP): | $(STAMP)
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The main job: WordNet mammals -> embeddings -> synthetic shards -> CQ-DINO stage 1 and 2 on a
+# The main job: WordNet carnivores -> embeddings -> synthetic shards -> CQ-DINO stage 1 and 2 on a
 # local Ray cluster (2 DeepSpeed workers) -> evaluation and charts, under runs/demo.
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m cluster.demo $(DEMO_ARGS)
