@@ -97,3 +97,28 @@ def test_the_demo_table_sets_the_selector_beside_what_ignoring_the_image_keeps()
     assert table["AP (the categories: leaves)"] == ["0.1000", "0.0002"]
     assert table["AR^C (C' = 30 kept)"] == ["0.9100", "0.6400"]  # beside the frequency prior
     assert table["selector AUC"] == ["0.9700", "0.8800"]  # beside the prior's, not chance
+
+
+def test_the_demo_writes_full_colour_jpegs_and_feeds_stage_1_eight_images_a_worker(tmp_path):
+    """The demo's selector learns from the colour of small objects' textures, which 4:2:0 JPEGs
+    blur, and from many images per category: its shards are 4:4:4 (Pillow's sampling code 0)
+    and stage 1 takes 8 images a worker and step where stage 2 takes 2."""
+    import io
+    import tarfile
+
+    from PIL import Image, JpegImagePlugin
+
+    from cluster.demo import BATCH1, pipeline_config, prepare_data
+
+    paths = prepare_data(tmp_path, "canine.n.02", 6, 2, None)
+    samplings = set()
+    for shard in sorted(paths[2].glob("*.tar")) + sorted(paths[3].glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    image = Image.open(io.BytesIO(tar.extractfile(member).read()))
+                    samplings.add(JpegImagePlugin.get_sampling(image))
+    assert samplings == {0}
+    config = pipeline_config(tmp_path, *paths, 20, 20)
+    assert config["stage1"]["data"]["batch_size"] == BATCH1 == 8
+    assert config["stage2"]["data"]["batch_size"] == 2
