@@ -11,8 +11,8 @@ The data are the demo's (`cluster.demo`: its image and box sizes, up to 3 object
 frequencies, seed 0) over the WordNet subtree `--under`; the model is `cq_dino_tiny_stage1` over
 the shipped backbone, which the demo keeps frozen (batch-norm statistics included), so its
 features are computed once and cached in the work folder, and each setting trains the category
-queries and the selector head on them: the demo's stage 1 without its scale augmentation and
-with one process in place of two data-parallel workers. A setting `B:LR` is B images a step at
+queries and the selector head on them: the demo's stage 1 without its scale and flip
+augmentation and with one process in place of two data-parallel workers. A setting `B:LR` is B images a step at
 learning rate LR (AdamW, weight decay 1e-4, 50 warm-up steps, gradients clipped at 1.0, as the
 demo's stage 1). The probe is a linear multi-label classifier (binary cross-entropy, Adam 3e-3,
 64 images a step) on each image's mean-pooled last-level features.
@@ -31,8 +31,9 @@ PROBE_BATCH, PROBE_LR = 64, 3e-3
 
 
 def features(under: str, train: int, val: int, subsampling: str, work: Path) -> dict:
-    """{"train"|"val": (features [N, 512, h, w], padding masks [N, H, W], category ids per
-    image)}, the taxonomy file and the category embeddings file, made when missing."""
+    """({"train"|"val": {"features": [N, 512, h, w], "masks": padding [N, H, W], "labels":
+    category ids per image}}, the taxonomy file, the category embeddings file), each made and
+    cached in `work` when missing."""
     from cluster.demo import MAX_BOX, MAX_SIDE, MIN_BOX, MIN_SIDE
     from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records
     from pipelines.transforms import decode_image_bytes, normalize_images
@@ -150,14 +151,11 @@ def train_selector(data, tax_file, emb_file, batch, lr, views, every, keep):
         if seen // every != (seen - batch) // every or step == views // batch:
             model.eval()
             with torch.no_grad():
-                scores = torch.cat(
-                    [
-                        model.select([val["features"][i : i + 64]], val["masks"][i : i + 64], None)[
-                            2
-                        ]
-                        for i in range(0, len(positive), 64)
-                    ]
-                )
+                chunks = [
+                    model.select([val["features"][i : i + 64]], val["masks"][i : i + 64], None)
+                    for i in range(0, len(positive), 64)
+                ]
+            scores = torch.cat([logits for _, _, logits, _, _ in chunks])
             rows.append((seen, *recall_auc(scores, positive, keep)))
     return rows
 
