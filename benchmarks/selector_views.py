@@ -34,27 +34,17 @@ def features(under: str, train: int, val: int, subsampling: str, work: Path) -> 
     """({"train"|"val": {"features": [N, 512, h, w], "masks": padding [N, H, W], "labels":
     category ids per image}}, the taxonomy file, the category embeddings file), each made and
     cached in `work` when missing."""
-    from cluster.demo import MAX_BOX, MAX_SIDE, MIN_BOX, MIN_SIDE
-    from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records
+    from cluster.demo import MAX_SIDE, prepare_vocabulary, synth_config
+    from pipelines.synthetic import SyntheticRenderer, make_records
     from pipelines.transforms import decode_image_bytes, normalize_images
-    from taxonomy import load_taxonomy, save_taxonomy
-    from taxonomy.embeddings import TINY_MODEL, EmbeddingSpec, embed_categories
-    from taxonomy.wordnet import build_wordnet_taxonomy, hyponym_closure
+    from taxonomy import load_taxonomy
 
-    work.mkdir(parents=True, exist_ok=True)
-    tax_file, emb_file = work / "taxonomy.json", work / "embeddings.pt"
-    if not tax_file.is_file():
-        save_taxonomy(build_wordnet_taxonomy(hyponym_closure([under])), tax_file)
-    tax = load_taxonomy(tax_file)
-    spec = EmbeddingSpec(model=TINY_MODEL, checkpoint=None, templates=("a photo of a {}.",))
-    embed_categories(tax, spec, emb_file, progress=False)
+    tax_file, emb_file = prepare_vocabulary(work, under, None)
     cache = work / f"features_{train}_{val}_{subsampling.replace(':', '')}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True), tax_file, emb_file
-    cfg = SynthConfig(
-        num_train=train, num_val=val, min_side=MIN_SIDE, max_side=MAX_SIDE, max_objects=3,
-        min_box=MIN_BOX, max_box=MAX_BOX, jpeg_subsampling=subsampling, seed=0,
-    )  # fmt: skip
+    tax = load_taxonomy(tax_file)
+    cfg = synth_config(train, val, subsampling)
     renderer = SyntheticRenderer(tax, cfg)
     backbone = stage1_model(tax_file, emb_file)[0].backbone.eval()
     out = {}
@@ -109,11 +99,12 @@ def recall_auc(scores: torch.Tensor, positive: torch.Tensor, keep: int) -> tuple
     return kept.sum().item() / positive.sum().item(), float(auc[~auc.isnan()].mean())
 
 
-def positives(labels: list[list[int]], column: dict[int, int]) -> torch.Tensor:
-    out = torch.zeros(len(labels), len(column), dtype=torch.bool)
-    for b, cats in enumerate(labels):
-        out[b, [column[c] for c in cats]] = True
-    return out
+def positives(labels: list[list[int]], category_ids: torch.Tensor) -> torch.Tensor:
+    """[N, C] bool: the categories present in each image, as the selection loss takes them."""
+    from vastdet.models.cq_dino import selection_targets
+
+    targets = [{"labels": torch.tensor(cats, dtype=torch.int64)} for cats in labels]
+    return selection_targets(targets, category_ids, len(category_ids))
 
 
 def train_selector(data, tax_file, emb_file, batch, lr, views, every, keep):
@@ -123,9 +114,8 @@ def train_selector(data, tax_file, emb_file, batch, lr, views, every, keep):
     torch.manual_seed(0)
     model, criterion = stage1_model(tax_file, emb_file)
     model.backbone = None  # its features are cached
-    column = {int(c): i for i, c in enumerate(model.category_ids.tolist())}
     train, val = data["train"], data["val"]
-    positive = positives(val["labels"], column)
+    positive = positives(val["labels"], model.category_ids)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = AdamW(params, lr=lr, weight_decay=1e-4)
     order = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(0))
@@ -160,7 +150,7 @@ def train_selector(data, tax_file, emb_file, batch, lr, views, every, keep):
     return rows
 
 
-def train_probe(data, column, views, every, keep):
+def train_probe(data, category_ids: torch.Tensor, views, every, keep):
     """[(views, AR^C, AUC)] of a linear probe on mean-pooled features."""
     from vastdet.models.backbone import downsample_mask
 
@@ -173,8 +163,9 @@ def train_probe(data, column, views, every, keep):
         return (feats * keep_).sum((2, 3)) / keep_.sum((2, 3)).clamp(min=1)
 
     x, xv = pooled(train), pooled(val)
-    y, positive = positives(train["labels"], column).float(), positives(val["labels"], column)
-    head = torch.nn.Linear(x.shape[1], len(column))
+    y = positives(train["labels"], category_ids).float()
+    positive = positives(val["labels"], category_ids)
+    head = torch.nn.Linear(x.shape[1], len(category_ids))
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     optim = torch.optim.Adam(head.parameters(), lr=PROBE_LR)
@@ -218,8 +209,7 @@ def main() -> None:
     data, tax_file, emb_file = features(
         args.under, args.train, args.val, args.subsampling, args.workdir / args.under
     )
-    ids = load_taxonomy(tax_file).category_ids().tolist()
-    column = {int(c): i for i, c in enumerate(ids)}
+    ids = sorted(load_taxonomy(tax_file).category_ids().tolist())
     counts: dict[int, int] = {}
     for cats in data["train"]["labels"]:
         for c in cats:
@@ -243,7 +233,7 @@ def main() -> None:
         )
         print(f"  selector {setting}: {time.perf_counter() - t:.0f} s", flush=True)
     results[f"linear probe, {PROBE_BATCH} a step, lr {PROBE_LR}"] = train_probe(
-        data, column, args.views, args.every, args.keep
+        data, torch.tensor(ids), args.views, args.every, args.keep
     )
     marks = [v for v, _, _ in next(iter(results.values()))]
     print("\nAR^C (AUC) after so many training images seen:")

@@ -45,10 +45,18 @@ BATCH1 = 8  # stage-1 images per worker and step (stage 2: 2)
 LEVELS = (1, 2, 3)  # depths below the root scored again (8, 49 and 141 ancestors of carnivores)
 
 
-def prepare_data(work: Path, under: str, train: int, val: int, clip_checkpoint: str | None):
-    """(taxonomy file, embedding file, train shards, val shards), made when missing."""
-    from pipelines.shards import write_shards
-    from pipelines.synthetic import SynthConfig, SyntheticRenderer, make_records
+def synth_config(train: int, val: int, jpeg_subsampling: str = JPEG_SUBSAMPLING):
+    """The demo's synthetic data: its image and box sizes, up to 3 objects, seed 0."""
+    from pipelines.synthetic import SynthConfig
+
+    return SynthConfig(
+        num_train=train, num_val=val, min_side=MIN_SIDE, max_side=MAX_SIDE, max_objects=3,
+        min_box=MIN_BOX, max_box=MAX_BOX, jpeg_subsampling=jpeg_subsampling, seed=0,
+    )  # fmt: skip
+
+
+def prepare_vocabulary(work: Path, under: str, clip_checkpoint: str | None):
+    """(taxonomy file, embedding file) of the WordNet subtree `under`, made when missing."""
     from taxonomy import load_taxonomy, save_taxonomy
     from taxonomy.embeddings import TINY_MODEL, EmbeddingSpec, embed_categories
     from taxonomy.wordnet import build_wordnet_taxonomy, hyponym_closure
@@ -64,12 +72,20 @@ def prepare_data(work: Path, under: str, train: int, val: int, clip_checkpoint: 
         model=TINY_MODEL, checkpoint=clip_checkpoint, templates=("a photo of a {}.",)
     )
     embed_categories(tax, spec, emb_file, progress=False)
+    return tax_file, emb_file
+
+
+def prepare_data(work: Path, under: str, train: int, val: int, clip_checkpoint: str | None):
+    """(taxonomy file, embedding file, train shards, val shards), made when missing."""
+    from pipelines.shards import write_shards
+    from pipelines.synthetic import SyntheticRenderer, make_records
+    from taxonomy import load_taxonomy
+
+    tax_file, emb_file = prepare_vocabulary(work, under, clip_checkpoint)
     shards = {s: work / "shards" / s for s in ("train", "val")}
     if not all((p / "manifest.json").is_file() for p in shards.values()):
-        cfg = SynthConfig(
-            num_train=train, num_val=val, min_side=MIN_SIDE, max_side=MAX_SIDE, max_objects=3,
-            min_box=MIN_BOX, max_box=MAX_BOX, jpeg_subsampling=JPEG_SUBSAMPLING, seed=0,
-        )  # fmt: skip
+        tax = load_taxonomy(tax_file)
+        cfg = synth_config(train, val)
         renderer = SyntheticRenderer(tax, cfg)
         for split, records in make_records(tax, cfg).items():
             write_shards(
@@ -127,7 +143,7 @@ def pipeline_config(
     }
     # stage 1 has no boxes to evaluate. The selector learns a category from the images it sees,
     # not from its steps: over these 366 categories its recall passes the prior's after a few
-    # thousand images and 0.85 after some 25,000-30,000 (benchmarks/selector_views.py). 8 images
+    # thousand images and 0.85 after some 24,000-28,000 (benchmarks/selector_views.py). 8 images
     # a worker and step train 64 images/s here against 35 at 2 (the step's fixed cost shared),
     # and at 2e-3 the larger batch spends its images as well as 4 a step at 5e-4 or 2e-3 do
     stage1["data"] = {**data, "val_shards": None, "batch_size": BATCH1}

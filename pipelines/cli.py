@@ -12,6 +12,8 @@ from pipelines.annotations import BOX_POLICIES, ON_ERROR
 
 def add_commands(subparsers) -> None:
     """Register the `data` command group on a parent argparse subparsers object."""
+    from pipelines.synthetic import SUBSAMPLING
+
     group = subparsers.add_parser("data", help="datasets: synthesise, shard, inspect")
     commands = group.add_subparsers(dest="data_command", required=True)
 
@@ -37,7 +39,7 @@ def add_commands(subparsers) -> None:
     synth.add_argument(
         "--jpeg-subsampling",
         default="4:2:0",
-        choices=("4:4:4", "4:2:2", "4:2:0"),
+        choices=SUBSAMPLING,
         help="JPEG chroma subsampling (default 4:2:0; 4:4:4 keeps small objects' colour texture)",
     )
     synth.add_argument("--seed", type=int, default=0)
